@@ -57,7 +57,7 @@ class Skip:
 
 
 def encode(ref: ImageRef) -> str:
-    """Serialise ``ref`` as the project's own message body (compact JSON, optional fields omitted)."""
+    """Serialise ``ref`` as the project's own body (compact JSON, optional fields omitted)."""
     body: dict[str, Any] = {"bucket": ref.bucket, "key": ref.key}
     if ref.etag:
         body["etag"] = ref.etag

@@ -1,0 +1,343 @@
+"""The consumer's one frozen configuration: flags over environment variables over defaults.
+
+Every option is declared once in :data:`OPTIONS` (flag, environment variable, parser, default,
+help); :meth:`Config.from_args` builds the argument parser from that table, merges the sources and
+validates, raising :class:`~consumer.errors.ConfigError` with one line that names the option. No
+other module of the consumer reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from consumer.errors import ConfigError
+
+ENV_PREFIX = "BOTTLENECK_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class S3Location:
+    """An ``s3://bucket/prefix/`` location; ``prefix`` is empty or ends with ``/``."""
+
+    bucket: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def parse_s3_uri(text: str, *, as_prefix: bool) -> S3Location:
+    """Parse ``s3://bucket/key``; with ``as_prefix`` a non-empty key gains a trailing ``/``."""
+    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", text.strip())
+    if not match:
+        raise ValueError(f"expected s3://bucket/prefix/, got {text!r}")
+    key = match.group(2) or ""
+    if as_prefix and key and not key.endswith("/"):
+        # `s3://feats/resnet50` means the folder, never keys glued to "resnet50photos/...".
+        key += "/"
+    return S3Location(match.group(1), key)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the consumer needs to run, resolved and validated once at start-up."""
+
+    queue_url: str
+    output: S3Location
+    dead_letter_url: str | None = None
+    model: str = "resnet50"
+    weights: str = "pretrained"
+    pool: str = "avg"
+    feature_dtype: str = "float32"
+    batch_size: int = 64
+    max_wait_ms: int = 200
+    device: str = "auto"
+    precision: str = "auto"
+    idle_exit: float = 0.0
+    overwrite: bool = False
+    existing_check: str = "write"
+    decode: str = "pil"
+    receivers: int = 2
+    fetch_concurrency: int = 16
+    decode_workers: int = 0
+    write_concurrency: int = 16
+    max_in_flight: int = 0
+    visibility_timeout: int = 60
+    stop_grace: float = 25.0
+    max_pixels: int = 100_000_000
+    max_image_bytes: int = 64 * 1024 * 1024
+    seed: int = 0
+    cache_dir: Path = field(
+        default_factory=lambda: Path.home() / ".cache" / "serverless-bottleneck"
+    )
+    channels_last: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def in_flight_limit(self) -> int:
+        """Images held at once (fetched, decoded, batched, on the device or being written)."""
+        if self.max_in_flight:
+            return self.max_in_flight
+        # Two batches being assembled or computed, one being written, plus the fetches that
+        # hide S3 latency: enough to keep the device busy, small enough to bound memory.
+        return 3 * self.batch_size + self.fetch_concurrency
+
+    @property
+    def decode_threads(self) -> int:
+        return self.decode_workers or max(1, os.cpu_count() or 1)
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Build the configuration from command-line flags and environment variables."""
+        environ = os.environ if environ is None else environ
+        parser = build_parser()
+        try:
+            namespace = parser.parse_args(argv)
+        except SystemExit as exc:  # argparse already printed its one-line usage error
+            raise ConfigError("invalid command line") from exc
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            raw = getattr(namespace, option.dest)
+            source = option.flag
+            if raw is None and option.env in environ:
+                raw, source = environ[option.env], option.env
+            if raw is None:
+                continue
+            try:
+                values[option.dest] = option.parse(raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+        for required in ("queue_url", "output"):
+            if required not in values:
+                option = _BY_DEST[required]
+                raise ConfigError(f"{option.flag} (or {option.env}) is required")
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One configuration option: its flag, environment variable, parser and help."""
+
+    dest: str
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str | None = None
+    is_switch: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.dest.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        if self.dest == "dead_letter_url":
+            return ENV_PREFIX + "DLQ_URL"
+        return ENV_PREFIX + self.dest.upper()
+
+
+def _positive_int(text: Any) -> int:
+    value = _int(text)
+    if value < 1:
+        raise ValueError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: Any) -> int:
+    value = _int(text)
+    if value < 0:
+        raise ValueError(f"must be zero or a positive integer, got {text!r}")
+    return value
+
+
+def _int(text: Any) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"must be an integer, got {text!r}") from None
+
+
+def _non_negative_float(text: Any) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _switch(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        value = str(text).strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: Any) -> str:
+    value = str(text).strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", value):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
+    return value
+
+
+def _queue_url(text: Any) -> str:
+    value = str(text).strip()
+    if not re.fullmatch(r"https?://\S+/\d{12}/[\w.-]+|https?://\S+/[\w.-]+", value):
+        raise ValueError(
+            "must be an SQS queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME), "
+            f"got {text!r}"
+        )
+    return value
+
+
+def _model_name(text: Any) -> str:
+    value = str(text).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?", value) and not value.startswith(
+        "hf-hub:"
+    ):
+        raise ValueError(
+            "must be a timm model name such as resnet50 or vit_base_patch16_224.augreg_in21k, "
+            f"got {text!r}"
+        )
+    return value
+
+
+def _weights(text: Any) -> str:
+    value = str(text).strip()
+    if value in {"pretrained", "random"} or value.startswith("s3://"):
+        return value
+    if not value:
+        raise ValueError("must be pretrained, random, a file path or an s3:// URI")
+    return value  # a local path; its existence is checked when the model is built
+
+
+def _log_level(text: Any) -> str:
+    value = str(text).strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR; got {text!r}")
+    return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("queue_url", _queue_url, "SQS work queue URL (required)", "URL"),
+    Option(
+        "dead_letter_url",
+        _queue_url,
+        "where permanent failures go (default: the queue's redrive target)",
+        "URL",
+    ),
+    Option(
+        "output",
+        lambda t: parse_s3_uri(str(t), as_prefix=True),
+        "s3://bucket/prefix/ for feature files (required)",
+        "S3URI",
+    ),
+    Option("model", _model_name, "timm model name, optionally with .tag (default resnet50)"),
+    Option(
+        "weights",
+        _weights,
+        "pretrained (timm/Hugging Face cache), a local .safetensors/.pth file, an s3:// URI, "
+        "or random (demos and tests only)",
+    ),
+    Option("pool", _choice("avg", "none"), "avg: pooled pre-logits vector; none: feature map"),
+    Option("feature_dtype", _choice("float32", "float16"), "dtype of the written arrays"),
+    Option("batch_size", _positive_int, "largest micro-batch (default 64)", "N"),
+    Option("max_wait_ms", _non_negative_int, "longest a partial batch waits (default 200)", "MS"),
+    Option("device", _device, "auto, cpu, cuda or cuda:N (default auto)"),
+    Option("precision", _choice("auto", "fp32", "bf16", "fp16"), "fp32, bf16, fp16 or auto"),
+    Option(
+        "idle_exit",
+        _non_negative_float,
+        "exit 0 after this many seconds with an empty queue and nothing in flight (0: never)",
+        "SECONDS",
+    ),
+    Option("overwrite", _switch, "recompute even where a matching feature file exists", None, True),
+    Option(
+        "existing_check",
+        _choice("write", "head"),
+        "write: find existing feature files at write time (conditional put, HEAD only on a "
+        "conflict; fewest requests); head: HEAD before fetching (pays when most messages are "
+        "repeats)",
+    ),
+    Option("decode", _choice("pil", "pil-draft"), "pil (exact) or pil-draft (JPEG DCT scaling)"),
+    Option("receivers", _positive_int, "concurrent SQS long-polls (default 2)", "N"),
+    Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 16)", "N"),
+    Option("decode_workers", _non_negative_int, "decode threads (default: one per core)", "N"),
+    Option("write_concurrency", _positive_int, "concurrent S3 PUTs (default 16)", "N"),
+    Option(
+        "max_in_flight",
+        _non_negative_int,
+        "cap on images held at once (default: 3 x batch size + fetch concurrency)",
+        "N",
+    ),
+    Option(
+        "visibility_timeout",
+        _positive_int,
+        "seconds each received message stays invisible; a heartbeat extends it while the "
+        "message is held (default 60)",
+        "SECONDS",
+    ),
+    Option(
+        "stop_grace",
+        _non_negative_float,
+        "on SIGTERM, seconds to finish work in hand before releasing the rest (default 25)",
+        "SECONDS",
+    ),
+    Option("max_pixels", _positive_int, "largest width x height decoded (default 100000000)", "N"),
+    Option(
+        "max_image_bytes", _positive_int, "largest object fetched, in bytes (default 64 MiB)", "N"
+    ),
+    Option("seed", _non_negative_int, "seed for --weights random (default 0)", "N"),
+    Option(
+        "cache_dir", lambda t: Path(str(t)).expanduser(), "where s3:// weights are cached", "DIR"
+    ),
+    Option("channels_last", _switch, "channels_last memory format on the device (default on)"),
+    Option("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+)
+_BY_DEST = {option.dest: option for option in OPTIONS}
+assert set(_BY_DEST) == {f.name for f in fields(Config)}, "OPTIONS and Config disagree"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bottleneck-consumer`` argument parser; every default is None so that sources merge."""
+    parser = argparse.ArgumentParser(
+        prog="bottleneck-consumer",
+        description="Pull image keys from SQS, compute timm bottleneck features in micro-batches, "
+        "and write one .npy per image to S3. Every flag has a BOTTLENECK_* environment variable; "
+        "the flag wins.",
+    )
+    for option in OPTIONS:
+        help_text = f"{option.help} [env {option.env}]"
+        if option.is_switch:
+            parser.add_argument(
+                option.flag, dest=option.dest, action="store_const", const=True, help=help_text
+            )
+        else:
+            parser.add_argument(
+                option.flag, dest=option.dest, metavar=option.metavar, help=help_text
+            )
+    return parser

@@ -1,0 +1,123 @@
+"""What the worker holds: the cap on images in flight and the hand-off to settlement.
+
+Every received message is registered here with its images; stages resolve images one by one.
+When the last image of a message is resolved, :func:`consumer.settle.decide` picks the action and
+the message goes to the acker. The cap is what bounds memory: receivers only ask SQS for more
+when there is room, so a slow stage pushes back all the way to the queue.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from consumer.errors import Failure
+from consumer.settle import Action, decide
+from consumer.work import ImageTask, Message
+
+
+class InFlight:
+    """Thread-safe registry of held messages with an image-count cap."""
+
+    def __init__(self, limit: int, on_settle: Callable[[Action], None]) -> None:
+        self.limit = limit
+        self._on_settle = on_settle
+        self._cond = threading.Condition()
+        self._messages: dict[str, Message] = {}
+        self._images = 0
+        self.stopping = False
+
+    # --- admission -------------------------------------------------------------------------
+    def room(self) -> int:
+        with self._cond:
+            return max(0, self.limit - self._images)
+
+    def wait_for_room(self, wanted: int, timeout: float) -> int:
+        """Block until at least one image slot is free (or ``timeout``); return free slots."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._images >= self.limit and not self.stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return 0
+                self._cond.wait(remaining)
+            return min(wanted, max(0, self.limit - self._images))
+
+    def register(self, message: Message) -> None:
+        """Start holding ``message``; a message with no images settles at once."""
+        with self._cond:
+            self._messages[message.message_id] = message
+            message.pending = len(message.images)
+            self._images += message.pending
+        if message.pending == 0:
+            self._settle(message)
+
+    # --- resolution ------------------------------------------------------------------------
+    def done(self, task: ImageTask, outcome: str) -> None:
+        task.outcome = outcome
+        self._resolve(task)
+
+    def failed(self, task: ImageTask, failure: Failure) -> None:
+        task.failure = failure
+        self._resolve(task)
+
+    def _resolve(self, task: ImageTask) -> None:
+        message = task.message
+        with self._cond:
+            if self._messages.get(message.message_id) is not message:
+                return  # already forgotten (released on stop): its slots were freed then
+            message.pending -= 1
+            self._images -= 1
+            settle_now = message.pending == 0 and not message.settled
+            message.settled = message.settled or settle_now
+            self._cond.notify_all()
+        if settle_now:
+            self._settle(message)
+
+    def _settle(self, message: Message) -> None:
+        message.settled = True
+        self._on_settle(decide(message, stopping=self.stopping))
+
+    def forget(self, message: Message) -> None:
+        """The acker finished with ``message`` (deleted, dead-lettered, released or dropped)."""
+        with self._cond:
+            if self._messages.get(message.message_id) is message:
+                del self._messages[message.message_id]
+                self._images -= message.pending  # images a stop left unfinished
+                message.pending = 0
+            self._cond.notify_all()
+
+    # --- views -----------------------------------------------------------------------------
+    def held(self) -> list[Message]:
+        with self._cond:
+            return list(self._messages.values())
+
+    def images(self) -> int:
+        with self._cond:
+            return self._images
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._messages
+
+    def wait_empty(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._messages:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+            return True
+
+    def release_unfinished(self) -> None:
+        """On stop: settle every message not yet settled; unfinished ones are released at once."""
+        with self._cond:
+            self.stopping = True
+            unsettled = [m for m in self._messages.values() if not m.settled]
+            for message in unsettled:
+                message.settled = True
+            self._cond.notify_all()
+        for message in unsettled:
+            self._on_settle(decide(message, stopping=True))

@@ -1,0 +1,116 @@
+"""Preprocessing that comes from the model: timm's own eval transform, split at the tensor step.
+
+The host runs timm's PIL stages (resize, crop) and hands the device uint8 pixels; the device does
+``ToTensor``'s ``/255`` and ``Normalize``'s ``(x - mean) / std`` with the same operations in the
+same order, so fp32 features equal ``timm.data.create_transform(**cfg)`` + model exactly, while the
+host moves a quarter of the bytes and does no float work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    """The model's data config (``timm.data.resolve_data_config``), the numbers of preprocessing."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    crop_mode: str
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> InputSpec:
+        """Resolve the eval data config timm publishes for ``model``."""
+        import timm.data
+
+        cfg = timm.data.resolve_data_config(model=model)
+        return cls(
+            input_size=tuple(int(v) for v in cfg["input_size"]),  # type: ignore[arg-type]
+            interpolation=str(cfg["interpolation"]),
+            mean=tuple(float(v) for v in cfg["mean"]),
+            std=tuple(float(v) for v in cfg["std"]),
+            crop_pct=float(cfg.get("crop_pct") or 0.875),
+            crop_mode=str(cfg.get("crop_mode") or "center"),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def height(self) -> int:
+        return self.input_size[1]
+
+    @property
+    def width(self) -> int:
+        return self.input_size[2]
+
+    @property
+    def scale_size(self) -> int:
+        """The resize target before the crop (timm: ``floor(size / crop_pct)``)."""
+        return max(math.floor(s / self.crop_pct) for s in self.input_size[1:])
+
+
+PilStages = Callable[[Image.Image], Image.Image]
+
+
+def pil_stages(spec: InputSpec) -> PilStages:
+    """timm's eval transform for ``spec`` up to (not including) its tensor conversion.
+
+    Raises ``RuntimeError`` if timm's transform does not end in ToTensor + Normalize with the
+    spec's mean and std: the device-side normalisation would then no longer be exact.
+    """
+    import timm.data
+    from torchvision import transforms
+
+    compose = timm.data.create_transform(**spec.as_dict(), is_training=False)
+    stages = list(compose.transforms)
+    names = [type(stage).__name__ for stage in stages]
+    if names[-2:] not in (["MaybeToTensor", "Normalize"], ["ToTensor", "Normalize"]):
+        raise RuntimeError(f"unexpected timm eval transform {names}: cannot split it exactly")
+    normalize = stages[-1]
+    if (
+        tuple(float(v) for v in normalize.mean) != spec.mean
+        or tuple(float(v) for v in normalize.std) != spec.std
+    ):
+        raise RuntimeError("timm's Normalize disagrees with the resolved data config")
+    return transforms.Compose(stages[:-2])
+
+
+def to_uint8_hwc(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """The cropped RGB image as a contiguous ``(H, W, 3)`` uint8 array of the model's size."""
+    array = np.asarray(image, dtype=np.uint8)
+    expected = (spec.height, spec.width, 3)
+    if array.shape != expected:
+        raise RuntimeError(f"preprocessed image has shape {array.shape}, expected {expected}")
+    return np.ascontiguousarray(array)
+
+
+class DeviceNormalizer:
+    """uint8 NHWC batch on the device to the model's normalised float NCHW input.
+
+    The NHWC buffer permuted to NCHW *is* channels_last memory: no copy is made. The arithmetic
+    mirrors torchvision's ``to_tensor`` (``/255`` in float32) then ``Normalize`` (``-mean``,
+    ``/std``) so that results are bit-identical to timm's transform.
+    """
+
+    def __init__(self, spec: InputSpec, device: torch.device) -> None:
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, batch: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
+        x = batch.permute(0, 3, 1, 2)
+        if not channels_last:
+            x = x.contiguous()
+        x = x.to(torch.float32).div(255)
+        return x.sub(self.mean).div(self.std)

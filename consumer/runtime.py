@@ -1,0 +1,117 @@
+"""The composition root: from a :class:`~consumer.config.Config` to everything the worker needs.
+
+Building happens once, before any message is received, so that every configuration problem
+(unknown model, missing weights, no dead-letter queue, no such device) is reported first.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from consumer.aws import Clients, make_clients
+from consumer.config import Config
+from consumer.decode import DecodeLimits
+from consumer.errors import ConfigError
+from consumer.features import FeatureSettings
+from consumer.model import Backbone, create_model, model_label, select_device, select_precision
+from consumer.preprocess import InputSpec, PilStages, pil_stages
+from consumer.queue import WorkQueue, resolve_dead_letter_url
+from consumer.weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The built pieces: clients, queues, the backbone and the settings behind the numbers."""
+
+    config: Config
+    clients: Clients
+    work_queue: WorkQueue
+    backbone: Backbone
+    stages: PilStages
+    settings: FeatureSettings
+    fingerprint: str
+    limits: DecodeLimits
+    feature_shape: tuple[int, ...]
+
+
+def build_backbone(
+    config: Config, clients: Clients | None = None
+) -> tuple[Backbone, FeatureSettings]:
+    """The model on its device with the settings that fingerprint its numbers (no queue needed)."""
+    device = select_device(config.device)
+    precision = select_precision(config.precision, device)
+    s3 = clients.s3 if clients is not None else None
+    weights = resolve_weights(config.weights, seed=config.seed, cache_dir=config.cache_dir, s3=s3)
+    model, weights_identity = create_model(config.model, weights)
+    spec = InputSpec.from_model(model)
+    backbone = Backbone(
+        model,
+        spec,
+        device=device,
+        precision=precision,
+        pool=config.pool,
+        channels_last=config.channels_last,
+    )
+    settings = FeatureSettings(
+        model=model_label(model, config.model),
+        weights=weights_identity,
+        pool=config.pool,
+        spec=spec,
+        dtype=config.feature_dtype,
+        precision=precision,
+        decode=config.decode,
+    )
+    return backbone, settings
+
+
+def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
+    """Resolve queues, weights and the model; raises :class:`ConfigError` on any bad setting."""
+    pool = config.fetch_concurrency + config.write_concurrency + config.receivers + 4
+    clients = clients or make_clients(pool_size=pool)
+    try:
+        dead_letter_url = config.dead_letter_url or resolve_dead_letter_url(
+            clients.sqs, config.queue_url
+        )
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(
+            f"--queue-url: cannot read the queue's attributes: {_line(exc)}"
+        ) from None
+    backbone, settings = build_backbone(config, clients)
+    feature_shape = backbone.feature_shape()
+    runtime = Runtime(
+        config=config,
+        clients=clients,
+        work_queue=WorkQueue(clients.sqs, config.queue_url, dead_letter_url),
+        backbone=backbone,
+        stages=pil_stages(backbone.spec),
+        settings=settings,
+        fingerprint=settings.fingerprint(),
+        limits=DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes),
+        feature_shape=feature_shape,
+    )
+    log.info(
+        "consumer ready",
+        extra={
+            "fields": {
+                "model": settings.model,
+                "weights": settings.weights,
+                "device": str(backbone.device),
+                "precision": settings.precision,
+                "pool": settings.pool,
+                "feature_shape": list(feature_shape),
+                "input": list(backbone.spec.input_size),
+                "fingerprint": runtime.fingerprint,
+                "dead_letter_url": dead_letter_url,
+            }
+        },
+    )
+    return runtime
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]

@@ -1,0 +1,176 @@
+"""Batch and infer: collect micro-batches from the decoded queue and run them on the device.
+
+A batch closes when it reaches the current batch size or ``max_wait`` after its first image.
+The next batch is collected while the device runs the previous one (its results are read only
+after the next batch is submitted). A CUDA out-of-memory error halves the batch and retries the
+halves, down to one image; the smaller size is kept for a while before growing again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from consumer.errors import TransientError, classify
+from consumer.inflight import InFlight
+from consumer.model import Backbone, PendingFeatures
+from consumer.stats import Stats
+from consumer.work import ImageTask
+
+log = logging.getLogger(__name__)
+
+# Batches that must succeed at a reduced size before the size is doubled again.
+_GROW_AFTER = 50
+
+
+def collect(
+    source: queue.Queue[ImageTask], max_items: int, max_wait: float, stop: threading.Event
+) -> list[ImageTask]:
+    """Up to ``max_items`` tasks: block for the first, then wait at most ``max_wait`` for more."""
+    while True:
+        try:
+            first = source.get(timeout=0.1)
+            break
+        except queue.Empty:
+            if stop.is_set():
+                return []
+    batch = [first]
+    deadline = time.monotonic() + max_wait
+    while len(batch) < max_items:
+        try:
+            batch.append(source.get_nowait())
+            continue
+        except queue.Empty:
+            pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            batch.append(source.get(timeout=remaining))
+        except queue.Empty:
+            break
+    return batch
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Inference(threading.Thread):
+    """The one thread that owns the device."""
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        source: queue.Queue[ImageTask],
+        sink: Callable[[ImageTask], None],
+        inflight: InFlight,
+        stats: Stats,
+        batch_size: int,
+        max_wait: float,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name="infer", daemon=True)
+        self.backbone = backbone
+        self.source = source
+        self.sink = sink
+        self.inflight = inflight
+        self.stats = stats
+        self.batch_size = batch_size
+        self.current_size = batch_size
+        self.max_wait = max_wait
+        self.stop_event = stop
+        self._good_batches = 0
+
+    def run(self) -> None:
+        previous: tuple[list[ImageTask], PendingFeatures, float] | None = None
+        while not self.stop_event.is_set():
+            batch = collect(self.source, self.current_size, self.max_wait, self.stop_event)
+            if not batch:
+                if previous is not None:
+                    self._finish(*previous)
+                    previous = None
+                continue
+            submitted = self._submit(batch)
+            if previous is not None:
+                self._finish(*previous)
+            previous = submitted
+        if previous is not None and not self.stop_event.is_set():
+            self._finish(*previous)
+
+    def _submit(
+        self, batch: list[ImageTask]
+    ) -> tuple[list[ImageTask], PendingFeatures, float] | None:
+        """Start ``batch`` on the device; OOM splits it (finishing the parts synchronously)."""
+        started = time.monotonic()
+        try:
+            pending = self.backbone.submit(self._stack(batch))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                self._fail(batch, exc)
+                return None
+            self._out_of_memory(batch)
+            return None
+        return batch, pending, started
+
+    def _out_of_memory(self, batch: list[ImageTask]) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            self._fail(batch, TransientError("out-of-memory", "one image does not fit the device"))
+            return
+        half = len(batch) // 2
+        self.current_size = max(1, min(self.current_size, half))
+        self._good_batches = 0
+        log.warning(
+            "device out of memory; halving the batch",
+            extra={"fields": {"batch": len(batch), "new_batch_size": self.current_size}},
+        )
+        for part in (batch[:half], batch[half:]):
+            submitted = self._submit(part)
+            if submitted is not None:
+                self._finish(*submitted)
+
+    def _finish(self, batch: list[ImageTask], pending: PendingFeatures, started: float) -> None:
+        try:
+            features = pending.result()
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        self.stats.batch(len(batch), time.monotonic() - started)
+        for task, row in zip(batch, features, strict=True):
+            task.features = row
+            task.pixels = None
+            self.sink(task)
+        self._grow()
+
+    def _grow(self) -> None:
+        if self.current_size >= self.batch_size:
+            return
+        self._good_batches += 1
+        if self._good_batches >= _GROW_AFTER:
+            self.current_size = min(self.batch_size, self.current_size * 2)
+            self._good_batches = 0
+
+    def _stack(self, batch: list[ImageTask]) -> torch.Tensor:
+        first = batch[0].pixels
+        assert first is not None
+        out = torch.empty(
+            (len(batch), *first.shape), dtype=torch.uint8, pin_memory=self.backbone.pin_memory
+        )
+        np.stack([task.pixels for task in batch], out=out.numpy())  # type: ignore[misc]
+        return out
+
+    def _fail(self, batch: list[ImageTask], exc: BaseException) -> None:
+        failure = classify(exc)
+        log.error("batch failed", exc_info=exc, extra={"fields": {"batch": len(batch)}})
+        for task in batch:
+            self.stats.image_failed(failure.error_code, permanent=failure.permanent)
+            self.inflight.failed(task, failure)

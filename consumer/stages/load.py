@@ -1,0 +1,139 @@
+"""Load: fetch each object from S3 (I/O threads), then decode and crop it (CPU threads).
+
+Two pools because the costs differ: a GET is tens of milliseconds of waiting and about one of CPU,
+a decode is milliseconds of CPU with the GIL released by Pillow. The decoded uint8 pixels go to the
+batch queue; a full queue blocks the decoders, which is how a slow model pushes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from consumer import storage
+from consumer.decode import DecodeLimits, decode_image
+from consumer.errors import classify
+from consumer.features import is_current
+from consumer.inflight import InFlight
+from consumer.preprocess import InputSpec, PilStages, to_uint8_hwc
+from consumer.stats import Stats
+from consumer.work import ImageTask
+
+log = logging.getLogger(__name__)
+
+
+class Loader:
+    """Fetch and decode pools feeding the batch queue."""
+
+    def __init__(
+        self,
+        *,
+        s3: Any,
+        inflight: InFlight,
+        out: queue.Queue[ImageTask],
+        stats: Stats,
+        stop: threading.Event,
+        spec: InputSpec,
+        stages: PilStages,
+        limits: DecodeLimits,
+        fetch_concurrency: int,
+        decode_threads: int,
+        output_bucket: str,
+        fingerprint: str,
+        head_first: bool,
+        draft: bool,
+    ) -> None:
+        self.s3 = s3
+        self.inflight = inflight
+        self.out = out
+        self.stats = stats
+        self.stop_event = stop
+        self.spec = spec
+        self.stages = stages
+        self.limits = limits
+        self.output_bucket = output_bucket
+        self.fingerprint = fingerprint
+        self.head_first = head_first
+        self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
+        self.fetch_pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="fetch")
+        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+
+    def submit(self, task: ImageTask) -> None:
+        self.fetch_pool.submit(self._fetch, task)
+
+    def shutdown(self) -> None:
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _abandoned(self, task: ImageTask) -> bool:
+        """A lost message's image is dropped; a halted worker leaves it for the release."""
+        if task.message.lost:
+            self.inflight.done(task, "dropped")
+            return True
+        return self.stop_event.is_set()
+
+    def _fetch(self, task: ImageTask) -> None:
+        if self._abandoned(task):
+            return None
+        try:
+            if self.head_first and self._already_done(task, task.ref.etag):
+                return None
+            fetched = storage.fetch(self.s3, task.ref, max_bytes=self.limits.max_bytes)
+            task.source_etag = fetched.etag
+            task.data = fetched.data
+            if self.head_first and not task.ref.etag and self._already_done(task, fetched.etag):
+                return None
+        except Exception as exc:
+            return self._fail(task, exc)
+        self.decode_pool.submit(self._decode, task)
+        return None
+
+    def _already_done(self, task: ImageTask, etag: str | None) -> bool:
+        """``--existing-check head``: skip an image whose current feature file is there."""
+        if not etag:
+            return False
+        existing = storage.head(self.s3, self.output_bucket, task.output_key)
+        if existing is None or not is_current(existing.metadata, etag.strip('"'), self.fingerprint):
+            return False
+        self.stats.image_done("exists")
+        self.inflight.done(task, "exists")
+        return True
+
+    def _decode(self, task: ImageTask) -> None:
+        if self._abandoned(task):
+            return None
+        try:
+            assert task.data is not None
+            image = decode_image(task.data, self.limits, draft_size=self.draft_size)
+            task.pixels = to_uint8_hwc(self.stages(image), self.spec)
+            task.data = None  # the encoded bytes are no longer needed: keep memory bounded
+        except Exception as exc:
+            return self._fail(task, exc)
+        while not self.stop_event.is_set():
+            try:
+                self.out.put(task, timeout=0.2)
+                return None
+            except queue.Full:
+                continue
+        return None  # halted: the message is released with its other unfinished images
+
+    def _fail(self, task: ImageTask, exc: BaseException) -> None:
+        failure = classify(exc)
+        self.stats.image_failed(failure.error_code, permanent=failure.permanent)
+        log.log(
+            logging.WARNING if failure.permanent else logging.INFO,
+            "image failed",
+            extra={
+                "fields": {
+                    "bucket": task.ref.bucket,
+                    "key": task.ref.key,
+                    "error_code": failure.error_code,
+                    "permanent": failure.permanent,
+                    "detail": failure.detail,
+                }
+            },
+        )
+        self.inflight.failed(task, failure)

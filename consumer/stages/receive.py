@@ -1,0 +1,103 @@
+"""Receive: long-poll SQS while there is room in flight, parse bodies into image tasks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from consumer.errors import Failure, classify
+from consumer.features import output_key
+from consumer.inflight import InFlight
+from consumer.queue import BATCH, WorkQueue
+from consumer.stats import Stats
+from consumer.work import ImageTask, Message
+from producer_lambda.messages import MalformedMessage, parse_body
+
+log = logging.getLogger(__name__)
+
+LONG_POLL_SECONDS = 20
+
+
+def build_tasks(message: Message, output_prefix: str) -> None:
+    """Fill ``message.images`` from its body, or mark it malformed (a permanent failure)."""
+    try:
+        refs = parse_body(message.body)
+    except MalformedMessage as exc:
+        message.malformed = Failure("bad-message", str(exc), permanent=True)
+        return
+    message.images = [ImageTask(message=message, ref=ref) for ref in refs]
+
+
+class Receiver(threading.Thread):
+    """One long-polling loop; several run side by side to hide SQS latency."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        work_queue: WorkQueue,
+        inflight: InFlight,
+        dispatch: Callable[[ImageTask], None],
+        output_prefix: str,
+        visibility: int,
+        wait_seconds: int,
+        stats: Stats,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.work_queue = work_queue
+        self.inflight = inflight
+        self.dispatch = dispatch
+        self.output_prefix = output_prefix
+        self.visibility = visibility
+        self.wait_seconds = wait_seconds
+        self.stats = stats
+        self.stop_event = stop
+        self.last_message_at = time.monotonic()
+        self.last_poll_empty = False
+        self.errors = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            room = self.inflight.wait_for_room(BATCH, timeout=0.5)
+            if room <= 0:
+                continue
+            try:
+                messages = self.work_queue.receive(
+                    room, wait_seconds=self.wait_seconds, visibility=self.visibility
+                )
+                self.errors = 0
+            except Exception as exc:
+                self.errors += 1
+                delay = min(30.0, 0.5 * 2 ** min(self.errors, 6))
+                log.warning(
+                    "receive failed; backing off",
+                    exc_info=exc,
+                    extra={"fields": {"retry_in_s": delay}},
+                )
+                self.stop_event.wait(delay)
+                continue
+            self.last_poll_empty = not messages
+            if not messages:
+                continue
+            self.last_message_at = time.monotonic()
+            if self.stop_event.is_set():
+                # Received while stopping: hand them straight back rather than hold them.
+                self.work_queue.change_visibility(messages, 0)
+                continue
+            self.stats.add("messages", len(messages))
+            for message in messages:
+                self._accept(message)
+
+    def _accept(self, message: Message) -> None:
+        build_tasks(message, self.output_prefix)
+        self.inflight.register(message)
+        for task in message.images:
+            try:
+                task.output_key = output_key(self.output_prefix, task.ref.key)
+            except Exception as exc:
+                self.inflight.failed(task, classify(exc))
+                continue
+            self.dispatch(task)

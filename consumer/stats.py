@@ -1,0 +1,69 @@
+"""Counters for the exit summary and the periodic progress line (thread-safe)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+
+class Stats:
+    """What the worker did: messages, images by outcome, failures by error code, batches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.counts: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+        self.retried: Counter[str] = Counter()
+        self.model_seconds = 0.0
+        self.first_image_at: float | None = None
+        self.last_image_at: float | None = None
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def image_done(self, outcome: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.counts[f"images_{outcome}"] += 1
+            self.first_image_at = self.first_image_at or now
+            self.last_image_at = now
+
+    def image_failed(self, code: str, *, permanent: bool) -> None:
+        with self._lock:
+            (self.failed if permanent else self.retried)[code] += 1
+
+    def batch(self, size: int, seconds: float) -> None:
+        with self._lock:
+            self.counts["batches"] += 1
+            self.counts["batch_images"] += size
+            self.model_seconds += seconds
+
+    def summary(self) -> dict[str, Any]:
+        """Images done, skipped, failed by code, images/s (over the whole run)."""
+        with self._lock:
+            elapsed = max(1e-9, time.monotonic() - self.started)
+            computed = self.counts["batch_images"]
+            done = self.counts["images_written"] + self.counts["images_replaced"]
+            return {
+                "messages": self.counts["messages"],
+                "images_written": self.counts["images_written"],
+                "images_replaced": self.counts["images_replaced"],
+                "images_skipped": self.counts["images_exists"] + self.counts["images_superseded"],
+                "images_failed": sum(self.failed.values()),
+                "failed_by_code": dict(self.failed),
+                "retried_by_code": dict(self.retried),
+                "images_computed": computed,
+                "batches": self.counts["batches"],
+                "mean_batch": round(computed / self.counts["batches"], 2)
+                if self.counts["batches"]
+                else 0,
+                "seconds": round(elapsed, 3),
+                "images_per_second": round(done / elapsed, 2),
+                "model_images_per_second": round(computed / self.model_seconds, 2)
+                if self.model_seconds
+                else 0,
+            }

@@ -1,0 +1,46 @@
+"""The units of work that flow through the pipeline: a received message and its images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from consumer.errors import Failure
+from producer_lambda.messages import ImageRef
+
+
+@dataclass(eq=False)
+class Message:
+    """One SQS message held by this worker, from receive until it is settled."""
+
+    message_id: str
+    receipt_handle: str
+    body: str
+    receive_count: int
+    received_at: float
+    visible_until: float
+    images: list[ImageTask] = field(default_factory=list)
+    # Set when the body itself could not be parsed: the whole message is dead-lettered.
+    malformed: Failure | None = None
+    # Set when SQS says our receipt handle is no longer valid: another worker owns the message,
+    # so this one neither writes its features nor deletes it.
+    lost: bool = False
+    # Images not yet resolved, and whether the settlement decision has been taken.
+    pending: int = 0
+    settled: bool = False
+
+
+@dataclass(eq=False)
+class ImageTask:
+    """One image of a message as it moves through fetch, decode, model and write."""
+
+    message: Message
+    ref: ImageRef
+    output_key: str = ""
+    source_etag: str = ""
+    data: bytes | None = None
+    pixels: np.ndarray | None = None
+    features: np.ndarray | None = None
+    outcome: str | None = None  # written | replaced | exists | superseded | dropped
+    failure: Failure | None = None
