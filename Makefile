@@ -4,12 +4,15 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+# checkov pins old boto3/packaging/networkx, so it lives in a venv of its own.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_VERSION ?= 3.3.30
 
 # No model weights can be downloaded here: tests and the demo never touch the Hugging Face hub.
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test lint typecheck unit demo bench lambda-zip clean
+.PHONY: setup scan-setup test lint lint-infra typecheck unit demo bench lambda-zip deploy teardown clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -18,21 +21,46 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(CHECKOV_VENV)/bin/checkov:
+	python3 -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --disable-pip-version-check 'checkov==$(CHECKOV_VERSION)'
+
+scan-setup: $(CHECKOV_VENV)/bin/checkov
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The template and the Dockerfile: cfn-lint (errors and warnings) and checkov's policy scan.
+lint-infra: setup scan-setup
+	$(VENV)/bin/cfn-lint infra/cloudformation.yaml
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download -f infra/cloudformation.yaml -f Dockerfile
+
 typecheck: setup
 	$(VENV)/bin/mypy
 
-test: setup lint typecheck
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+test: setup lint typecheck lint-infra
+	CHECKOV=$(CHECKOV_VENV)/bin/checkov $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 unit: setup
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/bottleneck-demo
+
+bench: setup
+	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+
+# The producer Lambda's package: producer_lambda/ alone (the runtime provides boto3).
+lambda-zip: setup
+	$(PY) -m producer_lambda.package build/producer_lambda.zip
+
+# Build, push and deploy everything with the AWS CLI (see README, "Deploy"); teardown removes it.
+deploy: setup
+	infra/deploy.sh deploy
+
+teardown:
+	infra/deploy.sh teardown
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -24,8 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.from_args(argv)
     except ConfigError as exc:
-        if str(exc) != "invalid command line":  # argparse has already printed its own line
-            print(f"bottleneck-consumer: error: {exc}", file=sys.stderr)
+        print(f"bottleneck-consumer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log_level)
     # Heavy imports (torch, timm) only after the command line is known to be valid.

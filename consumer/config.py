@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from consumer.errors import ConfigError
 
@@ -101,10 +101,7 @@ class Config:
         """Build the configuration from command-line flags and environment variables."""
         environ = os.environ if environ is None else environ
         parser = build_parser()
-        try:
-            namespace = parser.parse_args(argv)
-        except SystemExit as exc:  # argparse already printed its one-line usage error
-            raise ConfigError("invalid command line") from exc
+        namespace = parser.parse_args(argv)
         values: dict[str, Any] = {}
         for option in OPTIONS:
             raw = getattr(namespace, option.dest)
@@ -322,9 +319,16 @@ _BY_DEST = {option.dest: option for option in OPTIONS}
 assert set(_BY_DEST) == {f.name for f in fields(Config)}, "OPTIONS and Config disagree"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors raise a one-line :class:`ConfigError` (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``bottleneck-consumer`` argument parser; every default is None so that sources merge."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bottleneck-consumer",
         description="Pull image keys from SQS, compute timm bottleneck features in micro-batches, "
         "and write one .npy per image to S3. Every flag has a BOTTLENECK_* environment variable; "

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -57,7 +59,7 @@ def create_model(name: str, weights: WeightsSource) -> tuple[torch.nn.Module, st
     """
     import timm
 
-    kwargs: dict[str, object] = {"num_classes": 0}
+    kwargs: dict[str, Any] = {"num_classes": 0}
     try:
         if weights.kind == "random":
             # Seeded so that two workers (or a test and the consumer) get the same numbers.
@@ -151,8 +153,12 @@ class Backbone:
         self.channels_last = channels_last
         model = model.to(device)
         if channels_last:
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
+        # timm's unpooled feature map (``--pool none``); typed here once for the checker.
+        self._forward_features = cast(
+            Callable[[torch.Tensor], torch.Tensor], model.forward_features
+        )
         self.normalize = DeviceNormalizer(spec, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -160,6 +166,14 @@ class Backbone:
     @property
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
+
+    def stack(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """One uint8 ``(N, H, W, 3)`` batch, in pinned memory when the device is CUDA."""
+        out = torch.empty(
+            (len(images), *images[0].shape), dtype=torch.uint8, pin_memory=self.pin_memory
+        )
+        np.stack(images, out=out.numpy())
+        return out
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.precision == "fp32":
@@ -172,7 +186,7 @@ class Backbone:
             x = batch.to(self.device, non_blocking=True)
             x = self.normalize(x, channels_last=self.channels_last)
             with self._autocast():
-                out = self.model(x) if self.pool == "avg" else self.model.forward_features(x)
+                out = self.model(x) if self.pool == "avg" else self._forward_features(x)
             out = out.float()
             if self.device.type != "cuda":
                 return PendingFeatures(out.contiguous(), None)

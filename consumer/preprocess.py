@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from consumer.decode import DecodeLimits, decode_image
+
 
 @dataclass(frozen=True, slots=True)
 class InputSpec:
@@ -79,12 +81,19 @@ def pil_stages(spec: InputSpec) -> PilStages:
     if names[-2:] not in (["MaybeToTensor", "Normalize"], ["ToTensor", "Normalize"]):
         raise RuntimeError(f"unexpected timm eval transform {names}: cannot split it exactly")
     normalize = stages[-1]
-    if (
-        tuple(float(v) for v in normalize.mean) != spec.mean
-        or tuple(float(v) for v in normalize.std) != spec.std
+    # timm may hand Normalize float32 tensors; the device applies float32 too, so compare there.
+    if not (
+        np.array_equal(_float32(normalize.mean), _float32(spec.mean))
+        and np.array_equal(_float32(normalize.std), _float32(spec.std))
     ):
         raise RuntimeError("timm's Normalize disagrees with the resolved data config")
     return transforms.Compose(stages[:-2])
+
+
+def _float32(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().tolist()
+    return np.asarray(values, dtype=np.float32)
 
 
 def to_uint8_hwc(image: Image.Image, spec: InputSpec) -> np.ndarray:
@@ -114,3 +123,21 @@ class DeviceNormalizer:
             x = x.contiguous()
         x = x.to(torch.float32).div(255)
         return x.sub(self.mean).div(self.std)
+
+
+class ImagePreparer:
+    """Encoded image bytes to the model's uint8 ``(H, W, 3)`` input: decode, resize, crop.
+
+    ``draft`` enables Pillow's JPEG DCT scaling to about the resize target first (faster for
+    large JPEGs, within a measured tolerance of the exact path; off by default).
+    """
+
+    def __init__(self, spec: InputSpec, limits: DecodeLimits, *, draft: bool = False) -> None:
+        self.spec = spec
+        self.limits = limits
+        self.stages = pil_stages(spec)
+        self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.limits, draft_size=self.draft_size)
+        return to_uint8_hwc(self.stages(image), self.spec)

@@ -15,7 +15,7 @@ from consumer.decode import DecodeLimits
 from consumer.errors import ConfigError
 from consumer.features import FeatureSettings
 from consumer.model import Backbone, create_model, model_label, select_device, select_precision
-from consumer.preprocess import InputSpec, PilStages, pil_stages
+from consumer.preprocess import ImagePreparer, InputSpec
 from consumer.queue import WorkQueue, resolve_dead_letter_url
 from consumer.weights import resolve_weights
 
@@ -30,10 +30,9 @@ class Runtime:
     clients: Clients
     work_queue: WorkQueue
     backbone: Backbone
-    stages: PilStages
+    prepare: ImagePreparer
     settings: FeatureSettings
     fingerprint: str
-    limits: DecodeLimits
     feature_shape: tuple[int, ...]
 
 
@@ -88,10 +87,13 @@ def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
         clients=clients,
         work_queue=WorkQueue(clients.sqs, config.queue_url, dead_letter_url),
         backbone=backbone,
-        stages=pil_stages(backbone.spec),
+        prepare=ImagePreparer(
+            backbone.spec,
+            DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes),
+            draft=config.decode == "pil-draft",
+        ),
         settings=settings,
         fingerprint=settings.fingerprint(),
-        limits=DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes),
         feature_shape=feature_shape,
     )
     log.info(

@@ -87,7 +87,7 @@ def write_feature(
     overwrite: bool,
 ) -> WriteOutcome:
     """Write one feature file idempotently; see the module docstring for the protocol."""
-    put = {
+    put: dict[str, Any] = {
         "Bucket": bucket,
         "Key": key,
         "Body": body,

@@ -58,15 +58,12 @@ class Worker:
             out=self.decoded,
             stats=self.stats,
             stop=self.halt,
-            spec=runtime.backbone.spec,
-            stages=runtime.stages,
-            limits=runtime.limits,
+            prepare=runtime.prepare,
             fetch_concurrency=cfg.fetch_concurrency,
             decode_threads=cfg.decode_threads,
             output_bucket=cfg.output.bucket,
             fingerprint=runtime.fingerprint,
             head_first=cfg.existing_check == "head" and not cfg.overwrite,
-            draft=cfg.decode == "pil-draft",
         )
         self.inference = Inference(
             backbone=runtime.backbone,

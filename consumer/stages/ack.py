@@ -34,19 +34,19 @@ class Acker(threading.Thread):
         self.inflight = inflight
         self.stats = stats
         self.actions: queue.Queue[tuple[Action, int]] = queue.Queue()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def put(self, action: Action) -> None:
         self.actions.put((action, 0))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def idle(self) -> bool:
         return self.actions.unfinished_tasks == 0
 
     def run(self) -> None:
-        while not (self._stop.is_set() and self.actions.unfinished_tasks == 0):
+        while not (self._halt.is_set() and self.actions.unfinished_tasks == 0):
             batch = self._gather()
             if batch:
                 self._carry_out(batch)

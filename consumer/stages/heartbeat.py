@@ -25,13 +25,13 @@ class Heartbeat(threading.Thread):
         self.inflight = inflight
         self.visibility = visibility
         self.interval = max(0.2, min(10.0, visibility / 4))
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 self.beat()
             except Exception as exc:

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from consumer.errors import TransientError, classify
@@ -32,14 +31,15 @@ _GROW_AFTER = 50
 def collect(
     source: queue.Queue[ImageTask], max_items: int, max_wait: float, stop: threading.Event
 ) -> list[ImageTask]:
-    """Up to ``max_items`` tasks: block for the first, then wait at most ``max_wait`` for more."""
-    while True:
-        try:
-            first = source.get(timeout=0.1)
-            break
-        except queue.Empty:
-            if stop.is_set():
-                return []
+    """Up to ``max_items`` tasks: wait briefly for the first, then at most ``max_wait`` for more.
+
+    Returns an empty list when nothing arrives within a short poll, so that the caller can
+    finish the batch already on the device instead of holding it until more work comes.
+    """
+    try:
+        first = source.get(timeout=0 if stop.is_set() else 0.05)
+    except queue.Empty:
+        return []
     batch = [first]
     deadline = time.monotonic() + max_wait
     while len(batch) < max_items:
@@ -111,7 +111,9 @@ class Inference(threading.Thread):
         """Start ``batch`` on the device; OOM splits it (finishing the parts synchronously)."""
         started = time.monotonic()
         try:
-            pending = self.backbone.submit(self._stack(batch))
+            pending = self.backbone.submit(
+                self.backbone.stack([task.pixels for task in batch])  # type: ignore[misc]
+            )
         except Exception as exc:
             if not is_out_of_memory(exc):
                 self._fail(batch, exc)
@@ -158,15 +160,6 @@ class Inference(threading.Thread):
         if self._good_batches >= _GROW_AFTER:
             self.current_size = min(self.batch_size, self.current_size * 2)
             self._good_batches = 0
-
-    def _stack(self, batch: list[ImageTask]) -> torch.Tensor:
-        first = batch[0].pixels
-        assert first is not None
-        out = torch.empty(
-            (len(batch), *first.shape), dtype=torch.uint8, pin_memory=self.backbone.pin_memory
-        )
-        np.stack([task.pixels for task in batch], out=out.numpy())  # type: ignore[misc]
-        return out
 
     def _fail(self, batch: list[ImageTask], exc: BaseException) -> None:
         failure = classify(exc)

@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from consumer import storage
-from consumer.decode import DecodeLimits, decode_image
 from consumer.errors import classify
 from consumer.features import is_current
 from consumer.inflight import InFlight
-from consumer.preprocess import InputSpec, PilStages, to_uint8_hwc
+from consumer.preprocess import ImagePreparer
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
@@ -36,28 +35,23 @@ class Loader:
         out: queue.Queue[ImageTask],
         stats: Stats,
         stop: threading.Event,
-        spec: InputSpec,
-        stages: PilStages,
-        limits: DecodeLimits,
+        prepare: ImagePreparer,
         fetch_concurrency: int,
         decode_threads: int,
         output_bucket: str,
         fingerprint: str,
         head_first: bool,
-        draft: bool,
     ) -> None:
         self.s3 = s3
         self.inflight = inflight
         self.out = out
         self.stats = stats
         self.stop_event = stop
-        self.spec = spec
-        self.stages = stages
-        self.limits = limits
+        self.prepare = prepare
+        self.max_bytes = prepare.limits.max_bytes
         self.output_bucket = output_bucket
         self.fingerprint = fingerprint
         self.head_first = head_first
-        self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
         self.fetch_pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="fetch")
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
 
@@ -81,7 +75,7 @@ class Loader:
         try:
             if self.head_first and self._already_done(task, task.ref.etag):
                 return None
-            fetched = storage.fetch(self.s3, task.ref, max_bytes=self.limits.max_bytes)
+            fetched = storage.fetch(self.s3, task.ref, max_bytes=self.max_bytes)
             task.source_etag = fetched.etag
             task.data = fetched.data
             if self.head_first and not task.ref.etag and self._already_done(task, fetched.etag):
@@ -107,8 +101,7 @@ class Loader:
             return None
         try:
             assert task.data is not None
-            image = decode_image(task.data, self.limits, draft_size=self.draft_size)
-            task.pixels = to_uint8_hwc(self.stages(image), self.spec)
+            task.pixels = self.prepare(task.data)
             task.data = None  # the encoded bytes are no longer needed: keep memory bounded
         except Exception as exc:
             return self._fail(task, exc)

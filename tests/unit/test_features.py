@@ -1,0 +1,168 @@
+"""Feature files: key mapping, metadata within S3's limits, fingerprints, serialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+from consumer.errors import PermanentError
+from consumer.features import (
+    MAX_METADATA_BYTES,
+    FeatureSettings,
+    encode_key,
+    is_current,
+    metadata,
+    metadata_size,
+    output_key,
+    serialise,
+)
+from consumer.preprocess import InputSpec
+
+SPEC = InputSpec(
+    input_size=(3, 224, 224),
+    interpolation="bicubic",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    crop_pct=0.95,
+    crop_mode="center",
+)
+SETTINGS = FeatureSettings(
+    model="resnet50.a1_in1k",
+    weights="pretrained:timm/resnet50.a1_in1k",
+    pool="avg",
+    spec=SPEC,
+    dtype="float32",
+    precision="fp32",
+    decode="pil",
+)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "key", "expected"),
+    [
+        ("resnet50/", "photos/cat 1.jpg", "resnet50/photos/cat 1.jpg.npy"),
+        ("", "a+b.jpg", "a+b.jpg.npy"),
+        ("f/", "100%/x.png", "f/100%/x.png.npy"),
+        ("f/", "фото/猫.jpg", "f/фото/猫.jpg.npy"),
+        ("f/", "dir//double.jpg", "f/dir//double.jpg.npy"),
+    ],
+)
+def test_output_key_appends_npy_to_the_real_key(prefix: str, key: str, expected: str) -> None:
+    # GIVEN an output prefix and a real (decoded) source key WHEN mapped THEN nothing is escaped
+    assert output_key(prefix, key) == expected
+
+
+def test_output_key_over_s3_limit_is_a_permanent_failure() -> None:
+    # GIVEN a key that fits S3 but not once the prefix and .npy are added
+    key = "k" * 1020
+    # WHEN mapped THEN it fails permanently with a stable code
+    with pytest.raises(PermanentError) as info:
+        output_key("features/", key)
+    assert info.value.error_code == "key-too-long"
+
+
+@pytest.mark.parametrize("key", ["cat 1.jpg", "a+b%20c.jpg", "фото/猫.jpg", "x?y#z&.png"])
+def test_source_key_metadata_is_ascii_and_round_trips(key: str) -> None:
+    # GIVEN any key WHEN percent-encoded for metadata THEN it is ASCII and decodes back exactly
+    encoded = encode_key(key)
+    assert encoded.isascii()
+    assert unquote(encoded) == key
+
+
+def _meta(key: str) -> dict[str, str]:
+    return metadata(
+        source_bucket="images",
+        source_key=key,
+        source_etag="0123456789abcdef0123456789abcdef",
+        settings=SETTINGS,
+        fingerprint=SETTINGS.fingerprint(),
+        shape=(2048,),
+    )
+
+
+def test_metadata_has_exactly_the_contract_keys() -> None:
+    meta = _meta("photos/cat 1.jpg")
+    assert set(meta) == {
+        "source-bucket",
+        "source-key",
+        "source-etag",
+        "model",
+        "weights",
+        "pool",
+        "shape",
+        "dtype",
+        "fingerprint",
+    }
+    assert meta["source-key"] == "photos/cat%201.jpg"
+    assert meta["shape"] == "2048"
+    assert all(v.isascii() for v in meta.values())
+
+
+@pytest.mark.parametrize("key", ["a" * 1000, "猫" * 341, "%" * 1000])
+def test_metadata_fits_2kb_for_the_longest_keys(key: str) -> None:
+    # GIVEN keys at S3's 1024-byte limit whose encoding would blow past 2 KB
+    meta = _meta(key)
+    # THEN the metadata still fits, and the key is identified by its hash when it had to be
+    assert metadata_size(meta) <= MAX_METADATA_BYTES
+    if len(encode_key(key)) > 1500:
+        assert meta["source-key"].startswith("sha256:")
+
+
+def test_short_key_metadata_keeps_the_key_itself() -> None:
+    assert unquote(_meta("猫" * 100)["source-key"]) == "猫" * 100
+
+
+NUMERIC_CHANGES = {
+    "model": "resnet50.tv_in1k",
+    "weights": "sha256:0011223344556677",
+    "pool": "none",
+    "dtype": "float16",
+    "precision": "bf16",
+    "decode": "pil-draft",
+    "spec.input_size": (3, 256, 256),
+    "spec.interpolation": "bilinear",
+    "spec.mean": (0.5, 0.5, 0.5),
+    "spec.std": (0.5, 0.5, 0.5),
+    "spec.crop_pct": 0.875,
+    "spec.crop_mode": "squash",
+}
+
+
+@pytest.mark.parametrize(("field", "value"), list(NUMERIC_CHANGES.items()))
+def test_fingerprint_changes_with_every_numeric_setting(field: str, value: Any) -> None:
+    # GIVEN the settings with one field changed
+    if field.startswith("spec."):
+        spec = dataclasses.replace(SPEC, **{field[5:]: value})
+        changed = dataclasses.replace(SETTINGS, spec=spec)
+    else:
+        changed = dataclasses.replace(SETTINGS, **{field: value})
+    # THEN the fingerprint differs
+    assert changed.fingerprint() != SETTINGS.fingerprint()
+
+
+def test_fingerprint_is_stable_for_equal_settings() -> None:
+    # GIVEN an equal copy built separately (lists vs tuples must not matter either)
+    copy = FeatureSettings(**dataclasses.asdict(SETTINGS) | {"spec": dataclasses.replace(SPEC)})
+    assert copy.fingerprint() == SETTINGS.fingerprint()
+    assert len(SETTINGS.fingerprint()) == 16
+
+
+def test_is_current_needs_both_etag_and_fingerprint() -> None:
+    meta = _meta("k.jpg")
+    fp = SETTINGS.fingerprint()
+    assert is_current(meta, "0123456789abcdef0123456789abcdef", fp)
+    assert not is_current(meta, "ffffffffffffffffffffffffffffffff", fp)
+    assert not is_current(meta, "0123456789abcdef0123456789abcdef", "0" * 16)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_serialise_round_trips_without_pickle(dtype: str) -> None:
+    features = np.random.default_rng(0).standard_normal((7, 3, 2)).astype(np.float32)
+    loaded = np.load(io.BytesIO(serialise(features, dtype)), allow_pickle=False)
+    assert loaded.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(loaded, features.astype(dtype))
