@@ -1,0 +1,593 @@
+"""``bottleneck-collect``: gather per-image feature files into one training-ready dataset.
+
+    bottleneck-collect s3://feats/resnet50/ -o DIR [--allow-mixed] [--concurrency N] [--restart]
+
+Writes into ``DIR``:
+
+* ``features.npy``: every feature stacked, ``(N, D)`` for pooled features (``(N, C, H, W)``
+  for unpooled ones), in the files' dtype; ``np.load(path, mmap_mode="r")`` maps it without
+  reading it into memory. It is written through ``np.lib.format.open_memmap``, so collecting
+  never needs the whole array in memory either.
+* ``index.csv``: one line per row: ``row, source_bucket, source_key, source_etag, feature_key,
+  fingerprint`` (``source_key`` decoded from the metadata's percent-encoding).
+* ``manifest.json``: model, weights, pool, fingerprint, dtype, shape, count, and the source.
+
+Rows are in feature-key order (Python string order, which is S3's UTF-8 byte order), so the
+same files always give the same bytes.
+
+Fingerprints: the files must all carry the same ``fingerprint`` (the same model, weights, pool,
+preprocessing and dtype), or the rows would not be comparable; a second fingerprint stops the
+run with an error unless ``--allow-mixed`` is given (then ``manifest.json`` counts each, and a
+file whose dtype differs is cast to the first file's). Shapes must agree in any case.
+
+Resuming: the work happens in ``DIR/.collect-partial/``: the key list taken at the start, the
+array being filled, and a journal of the rows already written (appended, and synced, only after
+their data is flushed). Run the same command again after an interruption (Ctrl-C, a crash, a
+network error, a refusal to mix fingerprints) and only the rows not in the journal are
+downloaded; the result is byte for byte what an uninterrupted run would have written. The key
+list is that of the first attempt: ``--restart`` starts over with a fresh listing (to pick up
+files written since). When all rows are in, the three files are moved into ``DIR`` and the
+partial folder removed.
+
+Exit status: 0 done, 1 error (one line on stderr), 2 bad arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+from urllib.parse import unquote
+
+import numpy as np
+
+__all__ = [
+    "CollectError",
+    "Downloaded",
+    "Result",
+    "collect",
+    "list_feature_keys",
+    "main",
+    "parse_s3_uri",
+]
+
+PROG = "bottleneck-collect"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+FEATURES = "features.npy"
+INDEX = "index.csv"
+MANIFEST = "manifest.json"
+PARTIAL = ".collect-partial"
+INDEX_COLUMNS = (
+    "row",
+    "source_bucket",
+    "source_key",
+    "source_etag",
+    "feature_key",
+    "fingerprint",
+)
+# Rows per checkpoint: the array is flushed, then their journal lines written and synced.
+CHECKPOINT_ROWS = 256
+
+
+class CollectError(Exception):
+    """A reason the collection cannot go on, in one line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Downloaded:
+    """One feature file: its array and what its metadata says about it."""
+
+    row: int
+    key: str
+    etag: str
+    array: np.ndarray
+    metadata: Mapping[str, str]
+
+    def entry(self) -> dict[str, Any]:
+        """Its journal (and index) entry."""
+        meta = self.metadata
+        return {
+            "row": self.row,
+            "source_bucket": meta.get("source-bucket", ""),
+            "source_key": unquote(meta.get("source-key", "")),
+            "source_etag": meta.get("source-etag", ""),
+            "feature_key": self.key,
+            "fingerprint": meta.get("fingerprint", ""),
+        }
+
+
+@dataclass
+class Result:
+    """What a run did: rows in all, rows downloaded by this run, and where the files are."""
+
+    count: int
+    downloaded: int
+    resumed: int
+    shape: tuple[int, ...]
+    dtype: str
+    fingerprints: Counter[str] = field(default_factory=Counter)
+    directory: Path = Path()
+
+
+# ---------------------------------------------------------------------------- S3 reads
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> ``(bucket, prefix)``; anything else is a :class:`CollectError`."""
+    if not uri.startswith("s3://"):
+        raise CollectError(f"source must look like s3://bucket/prefix/, got {uri!r}")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise CollectError(f"source has no bucket: {uri!r}")
+    return bucket, prefix
+
+
+def list_feature_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """Every ``.npy`` key under ``prefix``, sorted (code point order = S3's UTF-8 byte order)."""
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(".npy"))
+    keys.sort()
+    return keys
+
+
+def download(s3: Any, bucket: str, key: str, row: int) -> Downloaded:
+    """GetObject one feature file (its metadata comes with it) and parse the ``.npy`` bytes."""
+    response = s3.get_object(Bucket=bucket, Key=key)
+    body = response["Body"]
+    try:
+        data = body.read()
+    finally:
+        body.close()
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # np.load raises several kinds for bad bytes
+        raise CollectError(f"s3://{bucket}/{key} is not a readable .npy file: {exc}") from None
+    metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
+    return Downloaded(row, key, str(response.get("ETag", "")).strip('"'), array, metadata)
+
+
+# ---------------------------------------------------------------------------- partial state
+
+
+class _Partial:
+    """``DIR/.collect-partial/``: the key snapshot, the array being filled, the journal."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory / PARTIAL
+        self.meta_path = self.dir / "meta.json"
+        self.keys_path = self.dir / "keys.txt"
+        self.array_path = self.dir / FEATURES
+        self.journal_path = self.dir / "done.jsonl"
+
+    def exists(self) -> bool:
+        return self.meta_path.is_file() and self.keys_path.is_file() and self.array_path.is_file()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def start(self, source: str, keys: Sequence[str], first: Downloaded) -> dict[str, Any]:
+        """A fresh partial state whose array has the first file's row shape and dtype."""
+        self.remove()
+        self.dir.mkdir(parents=True)
+        _write_text(self.keys_path, "".join(json.dumps(k) + "\n" for k in keys))
+        meta = {
+            "source": source,
+            "count": len(keys),
+            "row_shape": list(first.array.shape),
+            "dtype": first.array.dtype.str,
+            "settings": _settings(first.metadata),
+        }
+        shape = (len(keys), *first.array.shape)
+        array = np.lib.format.open_memmap(
+            self.array_path, mode="w+", dtype=first.array.dtype, shape=shape
+        )
+        del array  # created at full size; reopened below in r+ mode
+        _write_text(self.meta_path, json.dumps(meta, sort_keys=True))
+        return meta
+
+    def load(self) -> tuple[dict[str, Any], list[str], dict[int, dict[str, Any]]]:
+        meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+        keys = [json.loads(line) for line in self.keys_path.read_text("utf-8").splitlines()]
+        done: dict[int, dict[str, Any]] = {}
+        if self.journal_path.is_file():
+            for line in self.journal_path.read_text("utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a crash: its row is simply done again
+                if isinstance(entry, dict) and 0 <= entry.get("row", -1) < len(keys):
+                    done[int(entry["row"])] = entry
+        return meta, keys, done
+
+    def append(self, entries: Sequence[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        with self.journal_path.open("a", encoding="utf-8") as journal:
+            journal.write("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+            journal.flush()
+            os.fsync(journal.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _settings(metadata: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "model": metadata.get("model", ""),
+        "weights": unquote(metadata.get("weights", "")),
+        "pool": metadata.get("pool", ""),
+        "fingerprint": metadata.get("fingerprint", ""),
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def collect(
+    s3: Any,
+    source: str,
+    directory: Path,
+    *,
+    allow_mixed: bool = False,
+    concurrency: int = 16,
+    restart: bool = False,
+    progress: Callable[[int, int], Any] | None = None,
+) -> Result:
+    """Collect the ``.npy`` files under ``source`` into ``directory`` (see the module docstring).
+
+    ``progress(done, total)`` is called once with the rows already done, and returns an object
+    with ``update(n)`` and ``close()`` (a tqdm bar fits). Raises :class:`CollectError` for bad
+    input, the AWS error for failed requests, and ``KeyboardInterrupt``; in every case the rows
+    written so far are kept for the next run.
+    """
+    bucket, prefix = parse_s3_uri(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = _Partial(directory)
+    if restart:
+        partial.remove()
+    fresh = 0
+    if partial.exists():
+        meta, keys, done = partial.load()
+        if meta.get("source") != source:
+            raise CollectError(
+                f"{directory} holds an interrupted collection of {meta.get('source')}; "
+                f"collect into another directory, or pass --restart to discard it"
+            )
+    else:
+        keys = list_feature_keys(s3, bucket, prefix)
+        if not keys:
+            raise CollectError(f"no .npy files under {source}")
+        first = download(s3, bucket, keys[0], 0)
+        _check_metadata(first)
+        meta = partial.start(source, keys, first)
+        done = {}
+        _write_row(partial, [first], done)
+        fresh = 1
+
+    reference = meta["settings"]["fingerprint"]
+    row_shape = tuple(meta["row_shape"])
+    fingerprints: Counter[str] = Counter(entry["fingerprint"] for entry in done.values())
+    resumed = len(done) - fresh
+    if not allow_mixed:
+        _refuse_mixed(fingerprints, reference, done)
+
+    array = np.lib.format.open_memmap(partial.array_path, mode="r+")
+    todo = [row for row in range(len(keys)) if row not in done]
+    bar = progress(len(done), len(keys)) if progress is not None else None
+    pending: list[dict[str, Any]] = []
+    downloaded = fresh
+
+    def checkpoint() -> None:
+        # The data first, durably; only then the journal lines that say it is there.
+        array.flush()
+        partial.append(pending)
+        pending.clear()
+
+    try:
+        with closing(_fetch_all(s3, bucket, keys, todo, concurrency)) as items:
+            for item in items:
+                _check_metadata(item)
+                if item.array.shape != row_shape:
+                    raise CollectError(
+                        f"s3://{bucket}/{item.key} has shape {item.array.shape}, the others "
+                        f"{row_shape}: features of different shapes cannot be stacked"
+                    )
+                entry = item.entry()
+                fingerprint = entry["fingerprint"]
+                if fingerprint != reference and not allow_mixed:
+                    raise CollectError(
+                        f"mixed fingerprints: s3://{bucket}/{item.key} has {fingerprint}, "
+                        f"{keys[0]} has {reference} (different model settings); pass --allow-mixed "
+                        "to collect both, or collect a prefix with one"
+                    )
+                array[item.row] = item.array
+                fingerprints[fingerprint] += 1
+                done[item.row] = entry
+                pending.append(entry)
+                downloaded += 1
+                if bar is not None:
+                    bar.update(1)
+                if len(pending) >= CHECKPOINT_ROWS:
+                    checkpoint()
+    finally:
+        checkpoint()
+        if bar is not None:
+            bar.close()
+
+    _finish(partial, directory, meta, keys, done, fingerprints)
+    return Result(
+        count=len(keys),
+        downloaded=downloaded,
+        resumed=resumed,
+        shape=(len(keys), *row_shape),
+        dtype=np.dtype(meta["dtype"]).name,
+        fingerprints=fingerprints,
+        directory=directory,
+    )
+
+
+def _write_row(partial: _Partial, items: Sequence[Downloaded], done: dict[int, Any]) -> None:
+    array = np.lib.format.open_memmap(partial.array_path, mode="r+")
+    for item in items:
+        array[item.row] = item.array
+        done[item.row] = item.entry()
+    array.flush()
+    del array
+    partial.append([done[item.row] for item in items])
+
+
+def _check_metadata(item: Downloaded) -> None:
+    if "fingerprint" not in item.metadata:
+        raise CollectError(
+            f"{item.key} has no fingerprint metadata: not written by bottleneck-consumer?"
+        )
+
+
+def _refuse_mixed(fingerprints: Counter[str], reference: str, done: Mapping[int, Any]) -> None:
+    others = [fp for fp in fingerprints if fp != reference]
+    if others:
+        example = next(e["feature_key"] for e in done.values() if e["fingerprint"] == others[0])
+        raise CollectError(
+            f"mixed fingerprints: {example} has {others[0]}, the first file {reference}; "
+            "pass --allow-mixed to collect both"
+        )
+
+
+def _fetch_all(
+    s3: Any, bucket: str, keys: Sequence[str], rows: Sequence[int], concurrency: int
+) -> Generator[Downloaded, None, None]:
+    """Downloads in row order, ``concurrency`` at a time, at most ``2 * concurrency`` held."""
+    window: deque[Future[Downloaded]] = deque()
+    stop = threading.Event()
+
+    def fetch(row: int) -> Downloaded:
+        if stop.is_set():
+            raise CollectError("stopped")
+        return download(s3, bucket, keys[row], row)
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="collect") as pool:
+        try:
+            for row in rows:
+                window.append(pool.submit(fetch, row))
+                if len(window) > 2 * concurrency:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            stop.set()
+            for future in window:
+                future.cancel()
+
+
+def _finish(
+    partial: _Partial,
+    directory: Path,
+    meta: Mapping[str, Any],
+    keys: Sequence[str],
+    done: Mapping[int, dict[str, Any]],
+    fingerprints: Counter[str],
+) -> None:
+    """Write the index and the manifest, then move the three files into ``directory``."""
+    missing = len(keys) - len(done)
+    if missing:
+        raise CollectError(f"{missing} rows are still missing")  # pragma: no cover
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in range(len(keys)):
+        writer.writerow({column: done[row][column] for column in INDEX_COLUMNS})
+    settings = dict(meta["settings"])
+    manifest: dict[str, Any] = {
+        "source": meta["source"],
+        "model": settings["model"],
+        "weights": settings["weights"],
+        "pool": settings["pool"],
+        "fingerprint": settings["fingerprint"],
+        "dtype": np.dtype(meta["dtype"]).name,
+        "shape": [len(keys), *meta["row_shape"]],
+        "count": len(keys),
+        "features": FEATURES,
+        "index": INDEX,
+        "index_columns": list(INDEX_COLUMNS),
+    }
+    if len(fingerprints) > 1:
+        manifest["mixed"] = True
+        manifest["fingerprints"] = dict(sorted(fingerprints.items()))
+    _write_text(partial.dir / INDEX, buffer.getvalue())
+    _write_text(partial.dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # The manifest last: its presence says the other two are complete.
+    (directory / MANIFEST).unlink(missing_ok=True)
+    os.replace(partial.array_path, directory / FEATURES)
+    os.replace(partial.dir / INDEX, directory / INDEX)
+    os.replace(partial.dir / MANIFEST, directory / MANIFEST)
+    partial.remove()
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Gather per-image feature files into features.npy, index.csv and "
+        "manifest.json. Rerun the same command to resume an interrupted run.",
+    )
+    parser.add_argument("source", help="s3://bucket/prefix/ of the feature files")
+    parser.add_argument("-o", "--output", required=True, help="directory to write into")
+    parser.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="collect files with different fingerprints (model settings) together",
+    )
+    parser.add_argument(
+        "--concurrency", default="16", help="downloads in parallel (default 16, max 128)"
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an interrupted run in the directory and list the prefix afresh",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    source: str
+    output: Path
+    allow_mixed: bool = False
+    concurrency: int = 16
+    restart: bool = False
+    progress: bool = True
+
+
+def parse(argv: Sequence[str] | None) -> Options:
+    """Parse and validate the command line; bad arguments exit 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        parse_s3_uri(args.source)
+    except CollectError as exc:
+        parser.error(str(exc))
+    try:
+        concurrency = int(args.concurrency)
+    except ValueError:
+        parser.error(f"--concurrency must be a whole number, got {args.concurrency!r}")
+    if not 1 <= concurrency <= 128:
+        parser.error(f"--concurrency must be between 1 and 128, got {concurrency}")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output} exists and is not a directory")
+    return Options(
+        source=args.source,
+        output=output,
+        allow_mixed=args.allow_mixed,
+        concurrency=concurrency,
+        restart=args.restart,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script entry point; returns the exit status."""
+    options = parse(argv)
+    import boto3
+    import botocore.config
+
+    config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": 5},
+        max_pool_connections=options.concurrency + 4,
+    )
+    s3 = boto3.session.Session().client("s3", config=config)
+    return run(options, s3=s3)
+
+
+def run(
+    options: Options, *, s3: Any, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """Run the validated command with the given client; returns the exit status."""
+    import botocore.exceptions
+
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+
+    def bar(done: int, total: int) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=total,
+            initial=done,
+            desc="collected",
+            unit="file",
+            file=err,
+            disable=not options.progress or None,
+            dynamic_ncols=True,
+        )
+
+    try:
+        result = collect(
+            s3,
+            options.source,
+            options.output,
+            allow_mixed=options.allow_mixed,
+            concurrency=options.concurrency,
+            restart=options.restart,
+            progress=bar,
+        )
+    except KeyboardInterrupt:
+        err.write(f"{PROG}: interrupted: rows written so far are kept; rerun to resume\n")
+        return EXIT_INTERRUPTED
+    except CollectError as exc:
+        err.write(f"{PROG}: error: {exc}\n")
+        return EXIT_FAILED
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        err.write(f"{PROG}: error: {code}: {exc} (rows written so far are kept; rerun)\n")
+        return EXIT_FAILED
+    except OSError as exc:
+        err.write(f"{PROG}: error: {exc}\n")
+        return EXIT_FAILED
+
+    shape = "x".join(str(d) for d in result.shape)
+    fps = ", ".join(f"{fp} ({n:,})" for fp, n in sorted(result.fingerprints.items()))
+    how = f"{result.downloaded:,} downloaded"
+    if result.resumed:
+        how += f", {result.resumed:,} from the interrupted run"
+    out.write(
+        f"collected {result.count:,} feature files ({how}) into {result.directory}/\n"
+        f"  {FEATURES:<14} {shape} {result.dtype} (np.load(path, mmap_mode='r'))\n"
+        f"  {INDEX:<14} {', '.join(INDEX_COLUMNS)}\n"
+        f"  {MANIFEST:<14} fingerprint {fps}\n"
+    )
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

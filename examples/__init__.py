@@ -1,0 +1,1 @@
+"""Worked examples that use the collected features (not part of the installed distribution)."""

@@ -1,0 +1,540 @@
+"""``bottleneck-reconcile``: which feature files are missing, out of date, or left over.
+
+    bottleneck-reconcile s3://images/prefix/ --output s3://feats/prefix/
+                         [--fingerprint FP] [--no-head] [--concurrency N] [--json]
+
+Four kinds of finding:
+
+* ``missing``: an image (an accepted suffix, outside the output prefix, not empty) with no
+  feature file;
+* ``stale-etag``: a feature file whose ``source-etag`` differs from its image's current ETag
+  (the image was re-uploaded since);
+* ``stale-fingerprint``: a feature file whose ``fingerprint`` differs from ``--fingerprint``, or,
+  without that flag, from the fingerprint most feature files under the prefix carry (the model
+  settings changed for part of the set); a file can be both stale kinds at once;
+* ``orphan``: a feature file whose image is gone.
+
+How: the image prefix and the matching part of the output prefix are listed side by side and
+merge-joined (the same sorted-stream join as ``bottleneck-enqueue --skip-existing``, see
+:mod:`producer_lambda.backfill`), so memory stays flat however many objects there are. A listing
+carries no user metadata, so each feature file *that has an image* costs one HeadObject, made by
+``--concurrency`` threads (16 by default) with at most twice that many in flight; ``--no-head``
+skips them and reports ``missing`` and ``orphan`` only. Without ``--fingerprint`` the majority is
+known only at the end: feature files are then set aside per fingerprint in temporary files
+(spilling to disk past a megabyte each) and the minority ones reported last.
+
+What to do about it: ``missing`` and stale images are re-enqueued with ``bottleneck-enqueue``
+(the consumer replaces an out-of-date file, keeping an up-to-date one); ``orphan`` files can be
+deleted. This tool only reads.
+
+Output: with ``--json``, one JSON object per finding, then a summary line; otherwise counts per
+kind with the first ``--limit`` keys of each. Exit status: 0 done (findings or not), 1 an AWS
+error, 2 bad arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from producer_lambda.backfill import FEATURE_SUFFIX, Listed, in_feature_order, list_objects
+from producer_lambda.backoff import error_code
+from producer_lambda.filters import KeyFilter
+from producer_lambda.settings import (
+    S3Location,
+    SettingsError,
+    bottleneck_environ,
+    parse_count,
+    parse_suffixes,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = [
+    "KINDS",
+    "Finding",
+    "Pair",
+    "Report",
+    "judge",
+    "main",
+    "merge_join",
+    "ordered_map",
+    "parse",
+    "reconcile",
+    "run",
+]
+
+PROG = "bottleneck-reconcile"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+MISSING = "missing"
+STALE_ETAG = "stale-etag"
+STALE_FINGERPRINT = "stale-fingerprint"
+ORPHAN = "orphan"
+KINDS = (MISSING, STALE_ETAG, STALE_FINGERPRINT, ORPHAN)
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_SPOOL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing out of line: its kind, the image key and the feature key, and what differs."""
+
+    kind: str
+    key: str
+    feature_key: str | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "feature_key": self.feature_key,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One row of the join: an image, its feature file, or both."""
+
+    image: Listed | None
+    feature: Listed | None
+
+
+@dataclass
+class Report:
+    """Counts of one run; ``fingerprints`` counts the feature files HEADed, per fingerprint."""
+
+    images: int = 0
+    features: int = 0
+    checked: int = 0
+    vanished: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    fingerprints: Counter[str] = field(default_factory=Counter)
+    expected_fingerprint: str | None = None
+    majority: bool = False
+    heads: bool = True
+    interrupted: bool = False
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict of the counts."""
+        return {
+            "images": self.images,
+            "features": self.features,
+            "checked": self.checked,
+            "vanished": self.vanished,
+            "findings": {kind: self.counts.get(kind, 0) for kind in KINDS},
+            "fingerprints": dict(self.fingerprints.most_common()),
+            "expected_fingerprint": self.expected_fingerprint,
+            "expected_is_majority": self.majority,
+            "heads": self.heads,
+            "interrupted": self.interrupted,
+            "error": self.error,
+        }
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def merge_join(
+    images: Iterable[Listed], features: Iterable[Listed], output_prefix: str
+) -> Iterator[Pair]:
+    """Full outer join of images (key order) and feature files (listing order) by feature key.
+
+    ``features`` are the output listing under ``output_prefix + <images prefix>``; objects there
+    that do not end in ``.npy`` are not feature files and are passed over. Images are re-sorted
+    into ``key + ".npy"`` order with :func:`producer_lambda.backfill.in_feature_order`.
+    """
+    cut = len(output_prefix)
+    feature_iter = (f for f in features if f.key.endswith(FEATURE_SUFFIX))
+    feature = next(feature_iter, None)
+    for image in in_feature_order(images):
+        target = image.key + FEATURE_SUFFIX
+        while feature is not None and feature.key[cut:] < target:
+            yield Pair(None, feature)
+            feature = next(feature_iter, None)
+        if feature is not None and feature.key[cut:] == target:
+            yield Pair(image, feature)
+            feature = next(feature_iter, None)
+        else:
+            yield Pair(image, None)
+    while feature is not None:
+        yield Pair(None, feature)
+        feature = next(feature_iter, None)
+
+
+def judge(
+    image: Listed, feature_key: str, metadata: Mapping[str, str], expected: str | None
+) -> list[Finding]:
+    """The stale findings for a matched pair, from the feature file's user metadata.
+
+    ``expected`` is the fingerprint to hold it to; ``None`` checks the ETag only.
+    """
+    findings: list[Finding] = []
+    recorded = metadata.get("source-etag", "").strip('"')
+    current = (image.etag or "").strip('"')
+    if recorded != current:
+        findings.append(
+            Finding(
+                STALE_ETAG, image.key, feature_key, f"source-etag {recorded or '-'} != {current}"
+            )
+        )
+    fingerprint = metadata.get("fingerprint", "")
+    if expected is not None and fingerprint != expected:
+        findings.append(
+            Finding(
+                STALE_FINGERPRINT,
+                image.key,
+                feature_key,
+                f"fingerprint {fingerprint or '-'} != {expected}",
+            )
+        )
+    return findings
+
+
+def ordered_map(
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    concurrency: int,
+    wanted: Callable[[Any], bool] = lambda _: True,
+) -> Iterator[tuple[Any, Any]]:
+    """``(item, fn(item))`` in input order, ``fn`` on ``concurrency`` threads; ``None`` where
+    ``wanted(item)`` is false. At most ``2 * concurrency`` items are held; an exception from
+    ``fn`` is raised when its item's turn comes (the pool then finishes what it started)."""
+    window: deque[tuple[Any, Future[Any] | None]] = deque()
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="head") as pool:
+        try:
+            for item in items:
+                window.append((item, pool.submit(fn, item) if wanted(item) else None))
+                while len(window) > 2 * concurrency:
+                    head, future = window.popleft()
+                    yield head, None if future is None else future.result()
+            while window:
+                head, future = window.popleft()
+                yield head, None if future is None else future.result()
+        finally:
+            for _, future in window:
+                if future is not None:
+                    future.cancel()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _head_metadata(s3: S3Client, bucket: str, key: str) -> dict[str, str] | None:
+    try:
+        response = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if error_code(exc) in _NOT_FOUND:
+            return None
+        raise
+    return {k.lower(): v for k, v in response.get("Metadata", {}).items()}
+
+
+def reconcile(
+    s3: S3Client,
+    source: S3Location,
+    output: S3Location,
+    *,
+    key_filter: KeyFilter | None = None,
+    fingerprint: str | None = None,
+    heads: bool = True,
+    concurrency: int = 16,
+    report: Report | None = None,
+) -> Iterator[Finding]:
+    """Stream the findings for ``source`` against ``output``; counts accumulate in ``report``.
+
+    Objects of ``source`` under ``output`` (when the two overlap) are not images. A feature file
+    deleted between the listing and its HEAD is counted in ``report.vanished``. Without
+    ``fingerprint`` (and with ``heads``) the ``stale-fingerprint`` findings come last, once the
+    majority fingerprint is known. AWS errors are raised.
+    """
+    report = report if report is not None else Report()
+    report.heads = heads
+    report.expected_fingerprint = fingerprint
+    accept = key_filter or KeyFilter(input_prefix=source.prefix, output=output)
+
+    def images() -> Iterator[Listed]:
+        for obj in list_objects(s3, source.bucket, source.prefix):
+            if not output.contains(source.bucket, obj.key):
+                report.images += 1
+                yield obj
+
+    def features() -> Iterator[Listed]:
+        for obj in list_objects(s3, output.bucket, output.prefix + source.prefix):
+            report.features += obj.key.endswith(FEATURE_SUFFIX)
+            yield obj
+
+    def head(pair: Pair) -> dict[str, str] | None:
+        assert pair.feature is not None
+        return _head_metadata(s3, output.bucket, pair.feature.key)
+
+    spools: dict[str, IO[str]] = {}
+    try:
+        pairs = merge_join(images(), features(), output.prefix)
+        for pair, metadata in ordered_map(
+            head,
+            pairs,
+            concurrency=concurrency,
+            wanted=lambda p: heads and p.image is not None and p.feature is not None,
+        ):
+            if pair.feature is None:
+                assert pair.image is not None
+                if accept.reason(source.bucket, pair.image.key, pair.image.size) is None:
+                    yield _count(report, Finding(MISSING, pair.image.key))
+                continue
+            if pair.image is None:
+                name = pair.feature.key[len(output.prefix) : -len(FEATURE_SUFFIX)]
+                yield _count(report, Finding(ORPHAN, name, pair.feature.key, "image is gone"))
+                continue
+            if not heads:
+                continue
+            if metadata is None:
+                report.vanished += 1
+                continue
+            report.checked += 1
+            found = metadata.get("fingerprint", "")
+            report.fingerprints[found] += 1
+            for finding in judge(pair.image, pair.feature.key, metadata, fingerprint):
+                yield _count(report, finding)
+            if fingerprint is None:
+                spool = spools.get(found)
+                if spool is None:
+                    spool = spools[found] = _spool()
+                spool.write(json.dumps([pair.image.key, pair.feature.key]) + "\n")
+        if fingerprint is None and report.fingerprints:
+            # Ties go to the lexically first fingerprint, so that reruns agree.
+            top = max(report.fingerprints.values())
+            majority = min(fp for fp, n in report.fingerprints.items() if n == top)
+            report.expected_fingerprint = majority
+            report.majority = True
+            for found in sorted(spools):
+                if found == majority:
+                    continue
+                spool = spools[found]
+                spool.seek(0)
+                for line in spool:
+                    key, feature_key = json.loads(line)
+                    detail = f"fingerprint {found or '-'} != {majority} (majority)"
+                    yield _count(report, Finding(STALE_FINGERPRINT, key, feature_key, detail))
+    finally:
+        for spool in spools.values():
+            spool.close()
+
+
+def _spool() -> IO[str]:
+    return tempfile.SpooledTemporaryFile(  # closed by reconcile's finally
+        max_size=_SPOOL_BYTES, mode="w+", encoding="utf-8", newline="\n"
+    )
+
+
+def _count(report: Report, finding: Finding) -> Finding:
+    report.counts[finding.kind] += 1
+    return finding
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The validated command line."""
+
+    source: S3Location
+    output: S3Location
+    fingerprint: str | None = None
+    suffixes: tuple[str, ...] = ()
+    heads: bool = True
+    concurrency: int = 16
+    limit: int = 10
+    json: bool = False
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (environment defaults are applied by :func:`parse`)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Report images without a feature file, out-of-date feature files "
+        "(re-uploaded image, changed settings) and feature files whose image is gone.",
+        epilog="Read-only. One HeadObject per feature file that has an image, unless --no-head.",
+    )
+    parser.add_argument("source", help="s3://bucket/prefix/ of the images")
+    parser.add_argument(
+        "--output", help="s3://bucket/prefix/ of the feature files [BOTTLENECK_OUTPUT]"
+    )
+    parser.add_argument(
+        "--fingerprint",
+        help="the fingerprint current files must carry (default: the most common one)",
+    )
+    parser.add_argument(
+        "--suffixes",
+        help="comma-separated image suffixes [BOTTLENECK_SUFFIXES, default as the producer's]",
+    )
+    parser.add_argument(
+        "--no-head",
+        action="store_true",
+        help="listings only: report missing and orphan files, not stale ones",
+    )
+    parser.add_argument(
+        "--concurrency", default="16", help="HeadObject calls in parallel (default 16, max 64)"
+    )
+    parser.add_argument(
+        "--limit", default="10", help="keys shown per kind without --json (default 10)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per finding, then a summary line"
+    )
+    return parser
+
+
+def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
+    """Parse and validate the command line; bad arguments exit 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        source = S3Location.parse(args.source, "source")
+        output_uri = args.output or environ.get("BOTTLENECK_OUTPUT", "").strip()
+        if not output_uri:
+            raise SettingsError("--output (or BOTTLENECK_OUTPUT) is required")
+        output = S3Location.parse(output_uri, "--output" if args.output else "BOTTLENECK_OUTPUT")
+        suffixes_text = args.suffixes or environ.get("BOTTLENECK_SUFFIXES")
+        suffixes = parse_suffixes(suffixes_text, "--suffixes" if args.suffixes else "suffixes")
+        concurrency = parse_count(args.concurrency, "--concurrency", 16, 1)
+        if concurrency > 64:
+            raise SettingsError(f"--concurrency must be <= 64, got {concurrency}")
+        fingerprint = args.fingerprint.strip() if args.fingerprint is not None else None
+        if fingerprint == "":
+            raise SettingsError("--fingerprint must not be empty")
+        if fingerprint is not None and args.no_head:
+            raise SettingsError("--fingerprint needs the HEADs that --no-head turns off")
+        return Options(
+            source=source,
+            output=output,
+            fingerprint=fingerprint,
+            suffixes=suffixes,
+            heads=not args.no_head,
+            concurrency=concurrency,
+            limit=parse_count(args.limit, "--limit", 10, 0),
+            json=args.json,
+        )
+    except SettingsError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script entry point; returns the exit status."""
+    options = parse(argv, bottleneck_environ())
+    try:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 5},
+            max_pool_connections=options.concurrency + 4,
+        )
+        s3: S3Client = boto3.session.Session().client("s3", config=config)
+    except BotoCoreError as exc:
+        sys.stderr.write(f"{PROG}: error: cannot create AWS clients: {exc}\n")
+        return EXIT_FAILED
+    return run(options, s3=s3)
+
+
+def run(
+    options: Options, *, s3: S3Client, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """Run the validated command with the given client; returns the exit status."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    report = Report()
+    shown: dict[str, list[Finding]] = {kind: [] for kind in KINDS}
+    try:
+        for finding in reconcile(
+            s3,
+            options.source,
+            options.output,
+            key_filter=KeyFilter(
+                suffixes=options.suffixes or parse_suffixes(None, "--suffixes"),
+                input_prefix=options.source.prefix,
+                output=options.output,
+            ),
+            fingerprint=options.fingerprint,
+            heads=options.heads,
+            concurrency=options.concurrency,
+            report=report,
+        ):
+            if options.json:
+                out.write(json.dumps(finding.to_json(), ensure_ascii=False) + "\n")
+            elif len(shown[finding.kind]) < options.limit:
+                shown[finding.kind].append(finding)
+    except KeyboardInterrupt:
+        report.interrupted = True
+    except (ClientError, BotoCoreError) as exc:
+        report.error = f"{error_code(exc)}: {exc}"
+
+    if options.json:
+        out.write(json.dumps({"summary": report.summary()}, ensure_ascii=False) + "\n")
+    else:
+        out.write(render_text(report, shown, options) + "\n")
+    out.flush()
+    if report.error:
+        err.write(f"{PROG}: error: {report.error}\n")
+        return EXIT_FAILED
+    if report.interrupted:
+        err.write(f"{PROG}: interrupted: the counts cover only what was listed\n")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def render_text(report: Report, shown: Mapping[str, Sequence[Finding]], options: Options) -> str:
+    """The human report: what was compared, then each kind with its count and first keys."""
+    checked = f", {report.checked:,} checked by HEAD" if report.heads else " (--no-head)"
+    lines = [
+        f"{options.source} -> {options.output}: {report.images:,} objects, "
+        f"{report.features:,} feature files{checked}"
+    ]
+    if report.expected_fingerprint is not None:
+        how = "majority of files" if report.majority else "--fingerprint"
+        lines.append(f"  expected fingerprint {report.expected_fingerprint} ({how})")
+    if len(report.fingerprints) > 1:
+        spread = ", ".join(f"{fp or '-'} {n:,}" for fp, n in report.fingerprints.most_common())
+        lines.append(f"  fingerprints seen: {spread}")
+    for kind in KINDS:
+        if not options.heads and kind in (STALE_ETAG, STALE_FINGERPRINT):
+            continue
+        count = report.counts.get(kind, 0)
+        lines.append(f"  {kind:<18} {count:,}")
+        for finding in shown.get(kind, ()):
+            detail = f"  ({finding.detail})" if finding.detail and kind != ORPHAN else ""
+            lines.append(f"      {finding.feature_key if kind == ORPHAN else finding.key}{detail}")
+        if count > len(shown.get(kind, ())):
+            lines.append(
+                f"      ... and {count - len(shown.get(kind, ())):,} more (--json lists all)"
+            )
+    if report.vanished:
+        lines.append(f"  {report.vanished:,} feature files vanished between listing and HEAD")
+    if not any(report.counts.values()) and not report.error and not report.interrupted:
+        lines.append("  everything is in order")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
