@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from types import FrameType
@@ -27,6 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bottleneck-consumer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log_level)
+    if config.devices == "all":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus > 1:
+            return run_per_device(list(sys.argv[1:] if argv is None else argv), gpus)
+        log.info("--devices all: %d GPU(s) visible; running one worker", gpus)
     # Heavy imports (torch, timm) only after the command line is known to be valid.
     from consumer.runtime import build_runtime
     from consumer.worker import Worker
@@ -41,6 +49,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = worker.run()
     print(json.dumps({"summary": worker.stats.summary()}), file=sys.stdout, flush=True)
     return code
+
+
+def run_per_device(argv: list[str], gpus: int) -> int:
+    """``--devices all``: one worker process per GPU, each a plain single-device consumer.
+
+    Processes, not threads: each worker then has its own GIL for its decode and I/O threads, its
+    own CUDA context, and a crash or OOM on one GPU leaves the others working. Signals are passed
+    on, so the Batch job's SIGTERM gives every worker its graceful stop; the exit code is the
+    worst of theirs.
+    """
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "consumer", *argv, "--devices", "one", "--device", f"cuda:{i}"]
+        )
+        for i in range(gpus)
+    ]
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("started one worker per GPU", extra={"fields": {"gpus": gpus}})
+    # A child killed by a signal reports -N; as a shell would, count it as 128 + N.
+    return max(code if code >= 0 else 128 - code for code in (c.wait() for c in children))
 
 
 def _install_signal_handlers(request_stop: object) -> None:

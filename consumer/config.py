@@ -79,6 +79,11 @@ class Config:
         default_factory=lambda: Path.home() / ".cache" / "serverless-bottleneck"
     )
     channels_last: bool = True
+    compile: bool = False
+    devices: str = "one"
+    spot_watch: str = "auto"
+    metadata_endpoint: str = "http://169.254.169.254"
+    metrics: str = "auto"
     log_level: str = "INFO"
 
     @property
@@ -118,7 +123,18 @@ class Config:
             if required not in values:
                 option = _BY_DEST[required]
                 raise ConfigError(f"{option.flag} (or {option.env}) is required")
+        # "auto" switches resolve here, the one place that reads the environment: inside an AWS
+        # Batch job (AWS_BATCH_JOB_ID is set by Batch) the Spot watch and EMF metrics are on.
+        in_batch = bool(environ.get("AWS_BATCH_JOB_ID"))
+        for name, on in (("spot_watch", "on"), ("metrics", "emf")):
+            if values.get(name, "auto") == "auto":
+                values[name] = on if in_batch else "off"
         return cls(**values)
+
+    @property
+    def queue_name(self) -> str:
+        """The work queue's name (the last part of its URL), the metrics' ``Queue`` dimension."""
+        return self.queue_url.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +217,13 @@ def _device(text: Any) -> str:
     return value
 
 
+def _http_url(text: Any) -> str:
+    value = str(text).strip().rstrip("/")
+    if not re.fullmatch(r"https?://[^\s/]+", value):
+        raise ValueError(f"must be http://HOST[:PORT], got {text!r}")
+    return value
+
+
 def _queue_url(text: Any) -> str:
     value = str(text).strip()
     if not re.fullmatch(r"https?://\S+/\d{12}/[\w.-]+|https?://\S+/[\w.-]+", value):
@@ -280,7 +303,12 @@ OPTIONS: tuple[Option, ...] = (
         "conflict; fewest requests); head: HEAD before fetching (pays when most messages are "
         "repeats)",
     ),
-    Option("decode", _choice("pil", "pil-draft"), "pil (exact) or pil-draft (JPEG DCT scaling)"),
+    Option(
+        "decode",
+        _choice("pil", "pil-draft", "cuda"),
+        "pil (exact, default), pil-draft (Pillow JPEG DCT scaling for large JPEGs) or cuda "
+        "(nvJPEG decode and resize on the GPU, Pillow for the rest)",
+    ),
     Option("receivers", _positive_int, "concurrent SQS long-polls (default 2)", "N"),
     Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 16)", "N"),
     Option("decode_workers", _non_negative_int, "decode threads (default: one per core)", "N"),
@@ -313,6 +341,29 @@ OPTIONS: tuple[Option, ...] = (
         "cache_dir", lambda t: Path(str(t)).expanduser(), "where s3:// weights are cached", "DIR"
     ),
     Option("channels_last", _switch, "channels_last memory format on the device (default on)"),
+    Option("compile", _switch, "torch.compile the model, warmed up before receiving", None, True),
+    Option(
+        "devices",
+        _choice("one", "all"),
+        "one: a single worker on --device; all: one worker process per visible GPU",
+    ),
+    Option(
+        "spot_watch",
+        _choice("auto", "on", "off"),
+        "poll the instance metadata for a Spot interruption notice every 5 s and stop "
+        "gracefully (auto: on inside AWS Batch)",
+    ),
+    Option(
+        "metadata_endpoint",
+        _http_url,
+        "instance metadata service for --spot-watch (default http://169.254.169.254)",
+        "URL",
+    ),
+    Option(
+        "metrics",
+        _choice("auto", "emf", "off"),
+        "CloudWatch Embedded Metric Format lines on stdout (auto: on inside AWS Batch)",
+    ),
     Option("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
 )
 _BY_DEST = {option.dest: option for option in OPTIONS}

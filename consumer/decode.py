@@ -89,6 +89,19 @@ def decode_image(
     where the result stays well above the resize target. Raises :class:`PermanentError` with
     code ``too-large``, ``unsupported-format``, ``not-an-image`` or ``truncated``.
     """
+    image = open_checked(data, limits)
+    if draft_size is not None and image.format in ("JPEG", "MPO"):
+        _draft(image, draft_size)
+    _load(image)
+    return to_rgb(_oriented(image))
+
+
+def open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """Parse the header of ``data`` and apply every limit, decoding no pixels.
+
+    The image returned is lazy (nothing loaded): callers decide how to decode it. Raises
+    :class:`PermanentError` as :func:`decode_image` does.
+    """
     if len(data) > limits.max_bytes:
         raise PermanentError(
             "too-large", f"{len(data)} bytes exceeds the limit of {limits.max_bytes} bytes"
@@ -103,10 +116,7 @@ def decode_image(
             f"{image.format} of {width}x{height} pixels exceeds the limit of "
             f"{limits.max_pixels} pixels",
         )
-    if draft_size is not None and image.format in ("JPEG", "MPO"):
-        _draft(image, draft_size)
-    _load(image)
-    return to_rgb(_oriented(image))
+    return image
 
 
 def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:

@@ -1,8 +1,10 @@
 """``bottleneck-demo``: the whole flow on an embedded AWS (a moto server on loopback).
 
-Creates a bucket, a work queue and its dead-letter queue, uploads a few dozen generated images
-(plus any given with ``--images DIR``), enqueues them in the producer's message format, runs the
-consumer until the queue drains, and prints where the features are. No AWS account and no
+Creates a bucket, a work queue and its dead-letter queue, uploads a few dozen generated images of
+four classes (plus any given with ``--images DIR``, and one truncated file), enqueues them with
+``bottleneck-enqueue``, runs the consumer until the queue drains, collects the features into one
+dataset with ``bottleneck-collect``, trains a linear head on it (``examples/train_head.py``), and
+ends with the ``bottleneck-status`` view. No AWS account and no
 network are needed; the weights are random unless ``--weights`` says otherwise, because no
 pretrained weights can be downloaded here.
 """
@@ -77,6 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--weights", default="random", help="default random: nothing to download")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--out", default="build/demo-dataset", help="where the collected dataset goes"
+    )
     args = parser.parse_args(argv)
     if args.images is not None and not args.images.is_dir():
         parser.error(f"--images: {args.images} is not a folder")
@@ -129,12 +134,13 @@ def _run(args: argparse.Namespace, endpoint: str) -> int:
     _isolate_from_real_aws(endpoint)
     import boto3
 
-    from consumer import logs
+    from consumer import collect, logs
     from consumer.config import Config
     from consumer.errors import ConfigError
     from consumer.runtime import build_runtime
     from consumer.worker import Worker
-    from producer_lambda.messages import ImageRef, encode
+    from producer_lambda import cli as enqueue_cli
+    from producer_lambda import status
 
     logs.configure("WARNING")
     s3 = boto3.client("s3")
@@ -142,37 +148,43 @@ def _run(args: argparse.Namespace, endpoint: str) -> int:
     s3.create_bucket(Bucket=IMAGE_BUCKET)
     s3.create_bucket(Bucket=FEATURE_BUCKET)
     queue_url, dlq_url = _create_queues(sqs)
+    output = f"s3://{FEATURE_BUCKET}/{args.model}/"
     print(f"embedded AWS (moto) at {endpoint}: s3://{IMAGE_BUCKET}, s3://{FEATURE_BUCKET}, SQS")
 
+    # 1. Images land in the bucket (one of them broken, to show where failures go).
     images = list(generated_images(args.per_class))
     if args.images is not None:
         images += list(user_images(args.images))
-    for key, data in images:
+    broken = images[0][1][: len(images[0][1]) // 2] if images else b""
+    uploads = [*images, (BROKEN_KEY, broken)] if images else images
+    for key, data in uploads:
         s3.put_object(Bucket=IMAGE_BUCKET, Key=key, Body=data)
-    bodies = [encode(ImageRef(IMAGE_BUCKET, key, size=len(data))) for key, data in images]
-    for start in range(0, len(bodies), 10):
-        entries: list[Any] = [
-            {"Id": str(i), "MessageBody": b} for i, b in enumerate(bodies[start : start + 10])
-        ]
-        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
-    print(f"uploaded and enqueued {len(images)} images")
+    print(
+        f"uploaded {len(uploads)} images ({len(images)} good, 1 truncated) to s3://{IMAGE_BUCKET}/"
+    )
 
-    output = f"s3://{FEATURE_BUCKET}/{args.model}/"
+    # 2. The backfill path: the same tool a user runs on an existing bucket.
+    _step(f"bottleneck-enqueue s3://{IMAGE_BUCKET}/ --queue-url {queue_url} --output {output}")
+    code = enqueue_cli.main(
+        [f"s3://{IMAGE_BUCKET}/", "--queue-url", queue_url, "--output", output, "--no-progress"]
+    )
+    if code != 0:
+        return code
+
+    # 3. The consumer, in this process, until the queue has been idle for 2 s.
     if args.weights == "random":
         print(
             "NOTE: --weights random: no pretrained weights can be downloaded here, so these are "
             "features of a randomly initialised network (the pipeline is the same)."
         )
+    consumer_argv = [
+        *("--queue-url", queue_url, "--dead-letter-url", dlq_url, "--output", output),
+        *("--model", args.model, "--weights", args.weights, "--device", args.device),
+        *("--batch-size", str(args.batch_size), "--idle-exit", "2", "--max-wait-ms", "100"),
+    ]
+    _step("bottleneck-consumer " + " ".join(consumer_argv))
     try:
-        config = Config.from_args(
-            [
-                *("--queue-url", queue_url, "--dead-letter-url", dlq_url, "--output", output),
-                *("--model", args.model, "--weights", args.weights, "--device", args.device),
-                *("--batch-size", str(args.batch_size), "--idle-exit", "2"),
-                *("--max-wait-ms", "100"),
-            ],
-            {},
-        )
+        config = Config.from_args(consumer_argv, {})
         runtime = build_runtime(config)
     except ConfigError as exc:
         print(f"bottleneck-demo: error: {exc}", file=sys.stderr)
@@ -184,28 +196,65 @@ def _run(args: argparse.Namespace, endpoint: str) -> int:
     worker.run()
     summary = worker.stats.summary()
     elapsed = time.monotonic() - started
-
     written = summary["images_written"] + summary["images_replaced"] + summary["images_skipped"]
-    rows = [
-        ("images enqueued", str(len(images))),
-        ("feature files written", str(written)),
-        ("failed (dead-lettered)", str(summary["images_failed"])),
-        (
-            "feature shape",
-            " x ".join(map(str, runtime.feature_shape)) + f" ({config.feature_dtype})",
-        ),
-        ("images/s (end to end)", f"{written / max(elapsed, 1e-9):.1f}"),
-        ("model images/s", f"{summary['model_images_per_second']:.1f}"),
-        ("mean batch", f"{summary['mean_batch']}"),
-        ("fingerprint", runtime.fingerprint),
-        ("features at", output),
-    ]
+    _table(
+        [
+            ("images enqueued", str(len(uploads))),
+            ("feature files written", str(written)),
+            ("failed (dead-lettered)", f"{summary['images_failed']} {summary['failed_by_code']}"),
+            ("feature shape", " x ".join(map(str, runtime.feature_shape)) + f" ({settings.dtype})"),
+            ("images/s (end to end)", f"{written / max(elapsed, 1e-9):.1f}"),
+            ("model images/s", f"{summary['model_images_per_second']:.1f}"),
+            ("mean batch", f"{summary['mean_batch']}"),
+            ("fingerprint", runtime.fingerprint),
+            ("features at", output),
+        ]
+    )
+
+    # 4. One training-ready dataset, and the transfer-learning step it exists for.
+    dataset = Path(args.out)
+    _step(f"bottleneck-collect {output} -o {dataset}")
+    if collect.main([output, "-o", str(dataset), "--no-progress"]) != 0:
+        return 1
+    trained = _train_head(dataset)
+
+    # 5. Where things stand, as an operator sees it, and what to run next.
+    _step(f"bottleneck-status --queue-url {queue_url} --output {output}")
+    status.main(["--queue-url", queue_url, "--output", output, "--interval", "0"])
+    print(
+        "\nnext, against your own bucket:\n"
+        f"  bottleneck-collect s3://YOUR-FEATURES/{args.model}/ -o features/\n"
+        "  python examples/train_head.py features/\n"
+    )
+    ok = written == len(images) and summary["failed_by_code"] == {"truncated": 1}
+    return 0 if ok and trained else 1
+
+
+BROKEN_KEY = "demo/broken/truncated.jpg"
+
+
+def _step(command: str) -> None:
+    print(f"\n$ {command}")
+
+
+def _table(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     print()
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
-    print()
-    return 0 if written == len(images) and summary["images_failed"] == 0 else 1
+
+
+def _train_head(dataset: Path) -> bool:
+    """Run ``examples/train_head.py`` on the collected set (a repository file, not installed)."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_head.py"
+    if not script.is_file():
+        print(f"(examples/train_head.py not found next to the package: skipped; {script})")
+        return True
+    _step(f"python examples/train_head.py {dataset}")
+    import runpy
+
+    namespace = runpy.run_path(str(script), run_name="train_head")
+    return bool(namespace["main"]([str(dataset)]) == 0)
 
 
 if __name__ == "__main__":

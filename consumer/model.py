@@ -145,6 +145,7 @@ class Backbone:
         precision: str,
         pool: str,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -155,10 +156,16 @@ class Backbone:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
-        # timm's unpooled feature map (``--pool none``); typed here once for the checker.
-        self._forward_features = cast(
-            Callable[[torch.Tensor], torch.Tensor], model.forward_features
-        )
+        # What --pool asks for: timm's pooled pre-logits (num_classes=0) or the feature map.
+        forward = model if pool == "avg" else model.forward_features
+        self._forward = cast(Callable[[torch.Tensor], torch.Tensor], forward)
+        self.compiled = compile
+        if compile:
+            # dynamic=True: the last batch of a burst is smaller, and a recompile per batch
+            # size would stall the device for seconds each time.
+            self._forward = cast(
+                Callable[[torch.Tensor], torch.Tensor], torch.compile(self._forward, dynamic=True)
+            )
         self.normalize = DeviceNormalizer(spec, device)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -167,8 +174,21 @@ class Backbone:
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
-    def stack(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """One uint8 ``(N, H, W, 3)`` batch, in pinned memory when the device is CUDA."""
+    def stack(self, images: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """One uint8 ``(N, H, W, 3)`` batch, in pinned memory when the device is CUDA.
+
+        Images already on the device (``--decode cuda``) are stacked there; a batch mixing them
+        with host images (Pillow fallbacks) copies the host ones over.
+        """
+        if any(isinstance(image, torch.Tensor) for image in images):
+            return torch.stack(
+                [
+                    image.to(self.device, non_blocking=True)
+                    if isinstance(image, torch.Tensor)
+                    else torch.from_numpy(image).to(self.device, non_blocking=True)
+                    for image in images
+                ]
+            )
         out = torch.empty(
             (len(images), *images[0].shape), dtype=torch.uint8, pin_memory=self.pin_memory
         )
@@ -186,7 +206,7 @@ class Backbone:
             x = batch.to(self.device, non_blocking=True)
             x = self.normalize(x, channels_last=self.channels_last)
             with self._autocast():
-                out = self.model(x) if self.pool == "avg" else self._forward_features(x)
+                out = self._forward(x)
             out = out.float()
             if self.device.type != "cuda":
                 return PendingFeatures(out.contiguous(), None)
@@ -199,6 +219,12 @@ class Backbone:
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         """Synchronous :meth:`submit`: the features of ``batch`` as a float32 array."""
         return self.submit(batch).result()
+
+    def warm_up(self, batch_size: int) -> None:
+        """Run full and single-image batches once, so compilation and cuDNN's algorithm search
+        happen before the first message is received, not while its visibility runs."""
+        for n in sorted({batch_size, 1}, reverse=True):
+            self(torch.zeros((n, self.spec.height, self.spec.width, 3), dtype=torch.uint8))
 
     def feature_shape(self) -> tuple[int, ...]:
         """The per-image output shape, found with one zero image (cheap, and always right)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -123,6 +123,18 @@ class DeviceNormalizer:
             x = x.contiguous()
         x = x.to(torch.float32).div(255)
         return x.sub(self.mean).div(self.std)
+
+
+Pixels = np.ndarray | torch.Tensor
+"""A prepared image: ``(H, W, 3)`` uint8, on the host (numpy) or already on the device (tensor)."""
+
+
+class Preparer(Protocol):
+    """Encoded image bytes to the model's input pixels, under ``limits``."""
+
+    limits: DecodeLimits
+
+    def __call__(self, data: bytes) -> Pixels: ...
 
 
 class ImagePreparer:

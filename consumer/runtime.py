@@ -7,6 +7,7 @@ Building happens once, before any message is received, so that every configurati
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from consumer.aws import Clients, make_clients
@@ -15,7 +16,7 @@ from consumer.decode import DecodeLimits
 from consumer.errors import ConfigError
 from consumer.features import FeatureSettings
 from consumer.model import Backbone, create_model, model_label, select_device, select_precision
-from consumer.preprocess import ImagePreparer, InputSpec
+from consumer.preprocess import ImagePreparer, InputSpec, Preparer
 from consumer.queue import WorkQueue, resolve_dead_letter_url
 from consumer.weights import resolve_weights
 
@@ -30,7 +31,7 @@ class Runtime:
     clients: Clients
     work_queue: WorkQueue
     backbone: Backbone
-    prepare: ImagePreparer
+    prepare: Preparer
     settings: FeatureSettings
     fingerprint: str
     feature_shape: tuple[int, ...]
@@ -53,6 +54,7 @@ def build_backbone(
         precision=precision,
         pool=config.pool,
         channels_last=config.channels_last,
+        compile=config.compile,
     )
     settings = FeatureSettings(
         model=model_label(model, config.model),
@@ -64,6 +66,20 @@ def build_backbone(
         decode=config.decode,
     )
     return backbone, settings
+
+
+def build_preparer(config: Config, backbone: Backbone) -> Preparer:
+    """The decode path ``--decode`` names, with the configured limits."""
+    limits = DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes)
+    if config.decode == "cuda":
+        if backbone.device.type != "cuda":
+            raise ConfigError(
+                f"--decode cuda: needs a CUDA device, the model is on {backbone.device}"
+            )
+        from consumer.gpu_decode import TensorImagePreparer
+
+        return TensorImagePreparer(backbone.spec, limits, backbone.device)
+    return ImagePreparer(backbone.spec, limits, draft=config.decode == "pil-draft")
 
 
 def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
@@ -82,16 +98,18 @@ def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
         ) from None
     backbone, settings = build_backbone(config, clients)
     feature_shape = backbone.feature_shape()
+    if config.compile or backbone.device.type == "cuda":
+        started = time.monotonic()
+        backbone.warm_up(config.batch_size)
+        log.info(
+            "model warmed up", extra={"fields": {"seconds": round(time.monotonic() - started, 1)}}
+        )
     runtime = Runtime(
         config=config,
         clients=clients,
         work_queue=WorkQueue(clients.sqs, config.queue_url, dead_letter_url),
         backbone=backbone,
-        prepare=ImagePreparer(
-            backbone.spec,
-            DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes),
-            draft=config.decode == "pil-draft",
-        ),
+        prepare=build_preparer(config, backbone),
         settings=settings,
         fingerprint=settings.fingerprint(),
         feature_shape=feature_shape,

@@ -5,13 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
+
+
+class MetricsSink(Protocol):
+    """Where batch and failure events also go (the EMF emitter in AWS; nothing locally)."""
+
+    def batch(self, images: int, latency_s: float) -> None: ...
+
+    def failure(self, code: str) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class Stats:
     """What the worker did: messages, images by outcome, failures by error code, batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: MetricsSink | None = None) -> None:
+        self.metrics = metrics
         self._lock = threading.Lock()
         self.started = time.monotonic()
         self.counts: Counter[str] = Counter()
@@ -35,12 +46,16 @@ class Stats:
     def image_failed(self, code: str, *, permanent: bool) -> None:
         with self._lock:
             (self.failed if permanent else self.retried)[code] += 1
+        if self.metrics is not None:
+            self.metrics.failure(code)
 
     def batch(self, size: int, seconds: float) -> None:
         with self._lock:
             self.counts["batches"] += 1
             self.counts["batch_images"] += size
             self.model_seconds += seconds
+        if self.metrics is not None:
+            self.metrics.batch(size, seconds)
 
     def summary(self) -> dict[str, Any]:
         """Images done, skipped, failed by code, images/s (over the whole run)."""

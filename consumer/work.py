@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from consumer.errors import Failure
 from producer_lambda.messages import ImageRef
@@ -40,7 +41,7 @@ class ImageTask:
     output_key: str = ""
     source_etag: str = ""
     data: bytes | None = None
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | torch.Tensor | None = None  # on the device with --decode cuda
     features: np.ndarray | None = None
     outcome: str | None = None  # written | replaced | exists | superseded | dropped
     failure: Failure | None = None

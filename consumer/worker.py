@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 
 from consumer.inflight import InFlight
+from consumer.metrics import MetricsEmitter
 from consumer.runtime import Runtime
+from consumer.spot import SpotWatch
 from consumer.stages.ack import Acker
 from consumer.stages.heartbeat import Heartbeat
 from consumer.stages.infer import Inference
@@ -34,7 +37,15 @@ class Worker:
         cfg = runtime.config
         self.runtime = runtime
         self.config = cfg
-        self.stats = stats or Stats()
+        self.metrics = (
+            MetricsEmitter(sys.stdout, dimensions={"Queue": cfg.queue_name})
+            if cfg.metrics == "emf"
+            else None
+        )
+        self.stats = stats or Stats(self.metrics)
+        self.spot_watch = (
+            SpotWatch(cfg.metadata_endpoint, self.request_stop) if cfg.spot_watch == "on" else None
+        )
         self.stop_receiving = threading.Event()
         self.halt = threading.Event()
         # Settled messages go to the acker; the lambda defers the lookup until it exists.
@@ -103,6 +114,8 @@ class Worker:
     def start(self) -> None:
         for thread in (self.acker, self.heartbeat, self.inference, *self.receivers):
             thread.start()
+        if self.spot_watch is not None:
+            self.spot_watch.start()
         log.info(
             "consumer started",
             extra={
@@ -153,8 +166,12 @@ class Worker:
         self.loader.shutdown()
         self.writer.shutdown(wait=False)
         self.heartbeat.stop()
+        if self.spot_watch is not None:
+            self.spot_watch.stop()
         self.acker.stop()
         self.acker.join(timeout=10)
+        if self.stats.metrics is not None:
+            self.stats.metrics.flush()
         log.info(
             "consumer stopped",
             extra={"fields": {"reason": self.stop_reason or "stopped", **self.stats.summary()}},

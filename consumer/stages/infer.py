@@ -112,7 +112,7 @@ class Inference(threading.Thread):
         started = time.monotonic()
         try:
             pending = self.backbone.submit(
-                self.backbone.stack([task.pixels for task in batch])  # type: ignore[misc]
+                self.backbone.stack([task.pixels for task in batch if task.pixels is not None])
             )
         except Exception as exc:
             if not is_out_of_memory(exc):
@@ -120,7 +120,9 @@ class Inference(threading.Thread):
                 return None
             self._out_of_memory(batch)
             return None
-        return batch, pending, started
+        # The time the inference thread was busy on this batch, not the wall time to its
+        # result: with one batch in flight behind another, the latter counts the other's work.
+        return batch, pending, time.monotonic() - started
 
     def _out_of_memory(self, batch: list[ImageTask]) -> None:
         if torch.cuda.is_available():
@@ -140,13 +142,14 @@ class Inference(threading.Thread):
             if submitted is not None:
                 self._finish(*submitted)
 
-    def _finish(self, batch: list[ImageTask], pending: PendingFeatures, started: float) -> None:
+    def _finish(self, batch: list[ImageTask], pending: PendingFeatures, busy: float) -> None:
+        waited = time.monotonic()
         try:
             features = pending.result()
         except Exception as exc:
             self._fail(batch, exc)
             return
-        self.stats.batch(len(batch), time.monotonic() - started)
+        self.stats.batch(len(batch), busy + time.monotonic() - waited)
         for task, row in zip(batch, features, strict=True):
             task.features = row
             task.pixels = None

@@ -17,7 +17,7 @@ from consumer import storage
 from consumer.errors import classify
 from consumer.features import is_current
 from consumer.inflight import InFlight
-from consumer.preprocess import ImagePreparer
+from consumer.preprocess import Preparer
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
@@ -35,7 +35,7 @@ class Loader:
         out: queue.Queue[ImageTask],
         stats: Stats,
         stop: threading.Event,
-        prepare: ImagePreparer,
+        prepare: Preparer,
         fetch_concurrency: int,
         decode_threads: int,
         output_bucket: str,
