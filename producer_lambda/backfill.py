@@ -1,0 +1,279 @@
+"""Backfill: enqueue every image under an S3 prefix, streaming (the engine of the CLI).
+
+Memory stays flat however many keys the prefix holds: listing pages (1,000 keys) flow through the
+filter and out in batches of ten, with at most ``2 * concurrency`` batches in flight. With
+``skip_existing`` the output prefix is listed once, side by side with the source listing, and the
+two sorted streams are merge-joined: no HEAD per image, no set of every feature key.
+
+Order matters for the join. S3 lists keys in UTF-8 binary order, which for Python strings is code
+point order (UTF-8 preserves it), so ``str`` comparison is the right one. But the feature file of
+``k`` is ``<out>k.npy``, and appending ``.npy`` does not preserve order when one key is a prefix
+of another: ``a.jpg`` < ``a.jpg (1).jpg`` while ``a.jpg.npy`` > ``a.jpg (1).jpg.npy`` (space sorts
+before '.'). :func:`in_feature_order` re-sorts the source stream by ``k + ".npy"`` with a small
+heap that only holds keys while later keys still start with them.
+
+A listing error (no such bucket, access denied) stops the run like an interrupt and is reported
+in ``error``.
+
+Interrupts: Ctrl-C stops the listing, cancels batches not yet started and waits for the ones in
+flight, then returns with ``interrupted`` set. Sent and failed counts are tallied by the batches
+themselves, so the summary accounts for every image taken from the listing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from producer_lambda.backoff import error_code
+from producer_lambda.enqueue import MAX_BATCH, send_batch
+from producer_lambda.filters import KeyFilter
+from producer_lambda.logs import log
+from producer_lambda.messages import ImageRef
+from producer_lambda.settings import S3Location
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+__all__ = [
+    "FEATURE_SUFFIX",
+    "SKIP_EXISTS",
+    "BackfillResult",
+    "Listed",
+    "in_feature_order",
+    "list_objects",
+    "run_backfill",
+    "without_features",
+]
+
+FEATURE_SUFFIX = ".npy"
+SKIP_EXISTS = "feature-exists"
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One object from a listing: key, ETag (quotes stripped) and size."""
+
+    key: str
+    etag: str | None = None
+    size: int | None = None
+
+
+@dataclass
+class BackfillResult:
+    """Counts of one run; ``not_sent`` are images taken from the listing but never sent."""
+
+    listed: int = 0
+    selected: int = 0
+    sent: int = 0
+    failed: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    interrupted: bool = False
+    dry_run: bool = False
+    error: str | None = None
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def not_sent(self) -> int:
+        return 0 if self.dry_run else self.selected - self.sent - self.failed
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict: the counts, the skips by reason, and the first failures."""
+        return {
+            "listed": self.listed,
+            "selected": self.selected,
+            "sent": self.sent,
+            "failed": self.failed,
+            "not_sent": self.not_sent,
+            "skipped": dict(sorted(self.skipped.items())),
+            "interrupted": self.interrupted,
+            "dry_run": self.dry_run,
+            "error": self.error,
+            "first_failures": self.failures,
+        }
+
+
+def list_objects(s3: S3Client, bucket: str, prefix: str) -> Iterator[Listed]:
+    """Every object under ``prefix``, in S3's order, one page in memory at a time."""
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            etag = obj.get("ETag")
+            yield Listed(
+                key=obj["Key"], etag=etag.strip('"') if etag else None, size=obj.get("Size")
+            )
+
+
+def in_feature_order(objects: Iterable[Listed], suffix: str = FEATURE_SUFFIX) -> Iterator[Listed]:
+    """Re-sort a key-ordered stream into ``key + suffix`` order, holding back as little as possible.
+
+    A key ``t`` already seen can be released once the current key does not start with ``t``: every
+    later key is then greater than ``t`` without starting with it, and such keys keep their order
+    when ``suffix`` is appended. So the heap holds only chains of keys that prefix one another
+    (and the keys that sort after them), a handful in any real bucket.
+    """
+    heap: list[tuple[str, int, Listed]] = []
+    for serial, obj in enumerate(objects):
+        while heap and not obj.key.startswith(heap[0][2].key):
+            yield heapq.heappop(heap)[2]
+        heapq.heappush(heap, (obj.key + suffix, serial, obj))
+    while heap:
+        yield heapq.heappop(heap)[2]
+
+
+def without_features(
+    images: Iterable[Listed],
+    feature_names: Iterable[str],
+    skipped: Counter[str],
+    suffix: str = FEATURE_SUFFIX,
+) -> Iterator[Listed]:
+    """The images (in key order) whose ``key + suffix`` is not among ``feature_names``.
+
+    ``feature_names`` are the output listing's keys with the output prefix removed, in listing
+    order; a merge-join walks both once. Skipped images are counted under :data:`SKIP_EXISTS`.
+    """
+    names = iter(feature_names)
+    current = next(names, None)
+    for image in in_feature_order(images, suffix):
+        target = image.key + suffix
+        while current is not None and current < target:
+            current = next(names, None)
+        if current == target:
+            skipped[SKIP_EXISTS] += 1
+            continue
+        yield image
+
+
+def run_backfill(
+    *,
+    s3: S3Client,
+    sqs: SQSClient | None,
+    source: S3Location,
+    queue_url: str | None,
+    key_filter: KeyFilter,
+    existing: S3Location | None = None,
+    dry_run: bool = False,
+    concurrency: int = 8,
+    on_sent: Callable[[int], None] | None = None,
+    on_selected: Callable[[ImageRef], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> BackfillResult:
+    """List ``source``, keep what ``key_filter`` accepts and send it to ``queue_url``.
+
+    ``existing``: an output location; images whose feature file is there are skipped. ``dry_run``
+    sends nothing and calls ``on_selected`` for every image that would be sent. ``on_sent`` gets
+    the number of images of each batch sent (from a worker thread).
+    """
+    result = BackfillResult(dry_run=dry_run)
+    lock = threading.Lock()
+
+    def selected() -> Iterator[Listed]:
+        for obj in list_objects(s3, source.bucket, source.prefix):
+            result.listed += 1
+            reason = key_filter.reason(source.bucket, obj.key, obj.size)
+            if reason is None:
+                yield obj
+            else:
+                result.skipped[reason] += 1
+
+    stream: Iterable[Listed] = selected()
+    if existing is not None:
+        names = (
+            listed.key[len(existing.prefix) :]
+            for listed in list_objects(s3, existing.bucket, existing.prefix + source.prefix)
+        )
+        stream = without_features(stream, names, result.skipped)
+
+    def ref(obj: Listed) -> ImageRef:
+        return ImageRef(bucket=source.bucket, key=obj.key, etag=obj.etag, size=obj.size)
+
+    if dry_run:
+        try:
+            for obj in stream:
+                result.selected += 1
+                if on_selected is not None:
+                    on_selected(ref(obj))
+        except KeyboardInterrupt:
+            result.interrupted = True
+        except (ClientError, BotoCoreError) as exc:
+            result.error = _listing_error(exc)
+        return result
+
+    if sqs is None or queue_url is None:
+        raise ValueError("sqs and queue_url are required unless dry_run")
+    slots = threading.BoundedSemaphore(2 * concurrency)
+
+    def send(chunk: list[ImageRef]) -> None:
+        try:
+            outcome = send_batch(sqs, queue_url, chunk, sleep=sleep)
+            with lock:
+                result.sent += len(outcome.sent)
+                result.failed += len(outcome.failed)
+                for failure in outcome.failed:
+                    if len(result.failures) < 10:
+                        result.failures.append(
+                            {"key": failure.ref.key, "code": failure.code, "error": failure.message}
+                        )
+            for failure in outcome.failed:
+                log(
+                    logging.WARNING,
+                    "send-failed",
+                    bucket=failure.ref.bucket,
+                    key=failure.ref.key,
+                    code=failure.code,
+                    error=failure.message,
+                )
+            if on_sent is not None and outcome.sent:
+                on_sent(len(outcome.sent))
+        finally:
+            slots.release()
+
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="enqueue")
+    try:
+        chunk: list[ImageRef] = []
+        for obj in stream:
+            chunk.append(ref(obj))
+            result.selected += 1
+            if len(chunk) == MAX_BATCH:
+                slots.acquire()
+                executor.submit(send, chunk)
+                chunk = []
+        if chunk:
+            slots.acquire()
+            executor.submit(send, chunk)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    except (ClientError, BotoCoreError) as exc:
+        result.error = _listing_error(exc)
+    finally:
+        _finish(executor, result)
+    return result
+
+
+def _finish(executor: ThreadPoolExecutor, result: BackfillResult) -> None:
+    # A run that completed waits for every queued batch. A stopped run (Ctrl-C, listing error)
+    # lets the batches already running finish, each within the client's timeouts, and cancels
+    # the queued ones, which stay in not_sent. A Ctrl-C during the wait stops the run the same
+    # way, and never abandons the count.
+    while True:
+        stopping = result.interrupted or result.error is not None
+        try:
+            executor.shutdown(wait=True, cancel_futures=stopping)
+            return
+        except KeyboardInterrupt:
+            result.interrupted = True
+
+
+def _listing_error(exc: BaseException) -> str:
+    log(logging.ERROR, "listing-failed", error=str(exc))
+    return f"listing failed: {error_code(exc)}: {exc}"

@@ -1,0 +1,366 @@
+"""``bottleneck-enqueue``: enqueue every image under an S3 prefix (backfills, re-runs).
+
+    bottleneck-enqueue s3://bucket/prefix/ --queue-url URL [--skip-existing --output s3://...]
+                       [--dry-run] [--scale --job-queue Q --job-definition D]
+
+Flags fall back to the Lambda's environment variables (``BOTTLENECK_QUEUE_URL``,
+``BOTTLENECK_OUTPUT``, ``BOTTLENECK_SUFFIXES``, ``BOTTLENECK_JOB_QUEUE``, ...); a flag wins. AWS
+endpoints, region and credentials come from the standard variables and chain
+(``AWS_ENDPOINT_URL`` and friends), so the same command runs against AWS or a local emulator.
+
+Output: with ``--dry-run``, the message bodies that would be sent, one JSON object a line; always,
+a last line with the JSON summary. A progress bar (tqdm, on a terminal only) and JSON log lines go
+to stderr. Exit status: 0 done, 1 some images not sent or an AWS error, 2 bad arguments,
+130 interrupted (the summary says what was sent, what failed and what was not sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from producer_lambda import logs
+from producer_lambda.backfill import run_backfill
+from producer_lambda.backoff import error_code
+from producer_lambda.filters import KeyFilter
+from producer_lambda.messages import ImageRef, encode
+from producer_lambda.redrive import redrive
+from producer_lambda.scaler import scale
+from producer_lambda.settings import (
+    DEFAULT_JOB_NAME_PREFIX,
+    DEFAULT_MAX_JOBS,
+    DEFAULT_MESSAGES_PER_JOB,
+    S3Location,
+    ScalingSettings,
+    SettingsError,
+    bottleneck_environ,
+    parse_count,
+    parse_job_name_prefix,
+    parse_suffixes,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_batch import BatchClient
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_sqs import SQSClient
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_USAGE", "Options", "main", "parse", "run"]
+
+PROG = "bottleneck-enqueue"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The validated command line."""
+
+    source: S3Location | None
+    queue_url: str | None
+    output: S3Location | None = None
+    skip_existing: bool = False
+    suffixes: tuple[str, ...] = ()
+    dry_run: bool = False
+    concurrency: int = 8
+    progress: bool = True
+    verbose: bool = False
+    scaling: ScalingSettings | None = None
+    from_dead_letter: str | None = None
+    error_codes: tuple[str, ...] = ()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: the message names the flag.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (flags only; environment defaults are applied by :func:`parse`)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Send a work-queue message for every image under an S3 prefix.",
+        epilog="Flags default to the BOTTLENECK_* variables of the Lambda; a flag wins.",
+    )
+    parser.add_argument("source", nargs="?", help="s3://bucket/prefix/ to list")
+    parser.add_argument(
+        "--from-dead-letter",
+        metavar="URL",
+        help="instead of listing S3, send this dead-letter queue's messages back to the work "
+        "queue (after a fix), with a summary by error-code",
+    )
+    parser.add_argument(
+        "--error-code",
+        action="append",
+        default=[],
+        metavar="CODE",
+        help="with --from-dead-letter: only messages with this error-code (repeatable)",
+    )
+    parser.add_argument("--queue-url", help="SQS work queue URL [BOTTLENECK_QUEUE_URL]")
+    parser.add_argument(
+        "--output",
+        help="s3://bucket/prefix/ of the feature files: never enqueued; with --skip-existing, "
+        "checked [BOTTLENECK_OUTPUT]",
+    )
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="send only images without a feature file under --output (one listing, no HEADs)",
+    )
+    parser.add_argument(
+        "--suffixes",
+        help="comma-separated image suffixes, any case [BOTTLENECK_SUFFIXES, default "
+        ".jpg,.jpeg,.png,.webp,.bmp,.gif,.tif,.tiff]",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="send nothing; print the message bodies that would be sent",
+    )
+    parser.add_argument(
+        "--concurrency", default="8", help="SendMessageBatch calls in parallel (default 8)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO lines too")
+    scaling = parser.add_argument_group("scaling (--scale)")
+    scaling.add_argument(
+        "--scale", action="store_true", help="run the Batch scaler once after enqueueing"
+    )
+    scaling.add_argument("--job-queue", help="Batch job queue [BOTTLENECK_JOB_QUEUE]")
+    scaling.add_argument(
+        "--job-definition", help="Batch job definition [BOTTLENECK_JOB_DEFINITION]"
+    )
+    scaling.add_argument(
+        "--max-jobs", help=f"most active jobs [BOTTLENECK_MAX_JOBS, default {DEFAULT_MAX_JOBS}]"
+    )
+    scaling.add_argument(
+        "--messages-per-job",
+        help="backlog one job is for "
+        f"[BOTTLENECK_MESSAGES_PER_JOB, default {DEFAULT_MESSAGES_PER_JOB}]",
+    )
+    scaling.add_argument(
+        "--job-name-prefix",
+        help=f"job name prefix [BOTTLENECK_JOB_NAME_PREFIX, default {DEFAULT_JOB_NAME_PREFIX}]",
+    )
+    return parser
+
+
+def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
+    """Parse and validate the command line; bad arguments exit 2 with one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _options(args, environ)
+    except SettingsError as exc:
+        parser.error(str(exc))
+
+
+def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
+    def pick(flag: str, var: str) -> tuple[str | None, str]:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            return value, flag
+        if env.get(var, "").strip():
+            return env[var].strip(), var
+        return None, flag
+
+    if (args.source is None) == (args.from_dead_letter is None):
+        raise SettingsError("give either s3://bucket/prefix/ or --from-dead-letter URL")
+    if args.error_code and not args.from_dead_letter:
+        raise SettingsError("--error-code only applies with --from-dead-letter")
+    source = S3Location.parse(args.source, "source") if args.source is not None else None
+    queue_url, _ = pick("--queue-url", "BOTTLENECK_QUEUE_URL")
+    if not queue_url and not args.dry_run:
+        raise SettingsError("--queue-url (or BOTTLENECK_QUEUE_URL) is required")
+    output_uri, output_name = pick("--output", "BOTTLENECK_OUTPUT")
+    output = S3Location.parse(output_uri, output_name) if output_uri else None
+    if args.skip_existing and output is None:
+        raise SettingsError("--skip-existing needs --output (or BOTTLENECK_OUTPUT)")
+    suffixes_text, suffixes_name = pick("--suffixes", "BOTTLENECK_SUFFIXES")
+    suffixes = parse_suffixes(suffixes_text, suffixes_name)
+    concurrency = parse_count(args.concurrency, "--concurrency", 8, 1)
+    if concurrency > 64:
+        raise SettingsError(f"--concurrency must be <= 64, got {concurrency}")
+
+    scaling = None
+    if args.scale:
+        job_queue, _ = pick("--job-queue", "BOTTLENECK_JOB_QUEUE")
+        job_definition, _ = pick("--job-definition", "BOTTLENECK_JOB_DEFINITION")
+        if not job_queue:
+            raise SettingsError("--scale needs --job-queue (or BOTTLENECK_JOB_QUEUE)")
+        if not job_definition:
+            raise SettingsError("--scale needs --job-definition (or BOTTLENECK_JOB_DEFINITION)")
+        max_jobs, max_jobs_name = pick("--max-jobs", "BOTTLENECK_MAX_JOBS")
+        per_job, per_job_name = pick("--messages-per-job", "BOTTLENECK_MESSAGES_PER_JOB")
+        prefix, prefix_name = pick("--job-name-prefix", "BOTTLENECK_JOB_NAME_PREFIX")
+        scaling = ScalingSettings(
+            job_queue=job_queue,
+            job_definition=job_definition,
+            max_jobs=parse_count(max_jobs, max_jobs_name, DEFAULT_MAX_JOBS, 0),
+            messages_per_job=parse_count(per_job, per_job_name, DEFAULT_MESSAGES_PER_JOB, 1),
+            job_name_prefix=parse_job_name_prefix(prefix or DEFAULT_JOB_NAME_PREFIX, prefix_name),
+        )
+    return Options(
+        source=source,
+        queue_url=queue_url,
+        output=output,
+        skip_existing=args.skip_existing,
+        suffixes=suffixes,
+        dry_run=args.dry_run,
+        concurrency=concurrency,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+        scaling=scaling,
+        from_dead_letter=args.from_dead_letter,
+        error_codes=tuple(args.error_code),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script entry point; returns the exit status."""
+    options = parse(argv, bottleneck_environ())
+    logs.configure(logging.INFO if options.verbose else logging.WARNING)
+    try:
+        s3, sqs, batch = _clients(options.concurrency)
+    except BotoCoreError as exc:
+        return _fail(f"cannot create AWS clients: {exc}")
+    return run(options, s3=s3, sqs=sqs, batch=batch)
+
+
+def run(
+    options: Options,
+    *,
+    s3: S3Client,
+    sqs: SQSClient,
+    batch: BatchClient | None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the validated command with the given clients; returns the exit status."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    if not options.dry_run:
+        assert options.queue_url is not None
+        try:
+            sqs.get_queue_attributes(QueueUrl=options.queue_url, AttributeNames=["QueueArn"])
+        except (ClientError, BotoCoreError) as exc:
+            return _fail(f"cannot use queue {options.queue_url}: {error_code(exc)}: {exc}", err)
+
+    if options.from_dead_letter is not None:
+        return _redrive(options, sqs, out, err)
+    assert options.source is not None
+
+    bar: Any = None
+    if options.progress and not options.dry_run:
+        from tqdm import tqdm  # the CLI's only third-party import; never on the Lambda path
+
+        bar = tqdm(desc="enqueued", unit="img", file=err, disable=None, dynamic_ncols=True)
+    bar_lock = threading.Lock()
+
+    def on_sent(count: int) -> None:
+        if bar is not None:
+            with bar_lock:
+                bar.update(count)
+
+    def on_selected(ref: ImageRef) -> None:
+        out.write(encode(ref) + "\n")
+
+    result = run_backfill(
+        s3=s3,
+        sqs=None if options.dry_run else sqs,
+        source=options.source,
+        queue_url=options.queue_url,
+        key_filter=KeyFilter(
+            suffixes=options.suffixes or parse_suffixes(None, "--suffixes"),
+            input_prefix=options.source.prefix,
+            output=options.output,
+        ),
+        existing=options.output if options.skip_existing else None,
+        dry_run=options.dry_run,
+        concurrency=options.concurrency,
+        on_sent=on_sent,
+        on_selected=on_selected,
+    )
+    if bar is not None:
+        bar.close()
+    summary = result.summary()
+    status = 0
+    if result.failed or result.error:
+        status = EXIT_FAILED
+
+    if options.scaling is not None and not options.dry_run and not result.interrupted:
+        if batch is None:
+            raise ValueError("--scale needs a Batch client")
+        try:
+            summary["scaler"] = scale(
+                sqs, batch, options.queue_url or "", options.scaling
+            ).summary()
+        except (ClientError, BotoCoreError) as exc:
+            summary["scaler"] = {"error": f"{error_code(exc)}: {exc}"}
+            err.write(f"{PROG}: error: scaler failed: {error_code(exc)}: {exc}\n")
+            status = EXIT_FAILED
+
+    out.write(json.dumps(summary, ensure_ascii=False) + "\n")
+    out.flush()
+    if result.error:
+        err.write(f"{PROG}: error: {result.error}\n")
+    if result.interrupted:
+        err.write(
+            f"{PROG}: interrupted: sent {result.sent}, failed {result.failed}, "
+            f"not sent {result.not_sent} (listing stopped early)\n"
+        )
+        return EXIT_INTERRUPTED
+    return status
+
+
+def _redrive(options: Options, sqs: SQSClient, out: TextIO, err: TextIO) -> int:
+    """``--from-dead-letter``: dead letters back to the work queue, summarised by error-code."""
+    assert options.from_dead_letter is not None
+    try:
+        result = redrive(
+            sqs,
+            options.from_dead_letter,
+            options.queue_url or "",
+            codes=options.error_codes,
+            dry_run=options.dry_run,
+        )
+    except (ClientError, BotoCoreError) as exc:
+        return _fail(f"redrive from {options.from_dead_letter}: {error_code(exc)}: {exc}", err)
+    out.write(json.dumps(result.summary(), ensure_ascii=False) + "\n")
+    out.flush()
+    return EXIT_FAILED if result.failed else 0
+
+
+def _clients(concurrency: int) -> tuple[S3Client, SQSClient, BatchClient]:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 5},
+        max_pool_connections=concurrency + 4,
+        connect_timeout=10,
+        read_timeout=30,
+    )
+    session = boto3.session.Session()
+    s3: S3Client = session.client("s3", config=config)
+    sqs: SQSClient = session.client("sqs", config=config)
+    batch: BatchClient = session.client("batch", config=config)
+    return s3, sqs, batch
+
+
+def _fail(message: str, err: TextIO | None = None) -> int:
+    (err or sys.stderr).write(f"{PROG}: error: {message}\n")
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
