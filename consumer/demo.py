@@ -123,11 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    saved = dict(os.environ)
     try:
         host, port = server.get_host_and_port()
         return _run(args, f"http://{host}:{port}")
     finally:
         server.stop()
+        # Called in-process (tests, notebooks), the demo must not leave AWS_* pointing at a
+        # server that is gone.
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _run(args: argparse.Namespace, endpoint: str) -> int:

@@ -39,7 +39,19 @@ def moto_server() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
+    # The server runs in this process and moto's backends are global: without a reset, buckets
+    # and queues of an earlier test (or an in-process mock_aws) would still be there.
+    _reset(url)
     try:
         yield url
     finally:
+        _reset(url)
         server.stop()
+
+
+def _reset(url: str) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        response.read()
