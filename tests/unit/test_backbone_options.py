@@ -23,7 +23,9 @@ def _backbone(**options: Any) -> Backbone:
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", pretrained=False, num_classes=0)
     spec = InputSpec.from_model(model)
-    return Backbone(model, spec, device=torch.device("cpu"), precision="fp32", pool="avg", **options)
+    return Backbone(
+        model, spec, device=torch.device("cpu"), precision="fp32", pool="avg", **options
+    )
 
 
 @pytest.mark.slow
