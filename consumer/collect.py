@@ -48,10 +48,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, TextIO
 from urllib.parse import unquote
 
 import numpy as np
+
+from producer_lambda.cmdline import OneLineParser
 
 __all__ = [
     "CollectError",
@@ -447,13 +449,8 @@ def _finish(
 # ---------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Gather per-image feature files into features.npy, index.csv and "
         "manifest.json. Rerun the same command to resume an interrupted run.",

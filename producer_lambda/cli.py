@@ -23,13 +23,14 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from producer_lambda import logs
 from producer_lambda.backfill import run_backfill
 from producer_lambda.backoff import error_code
+from producer_lambda.cmdline import OneLineParser
 from producer_lambda.filters import KeyFilter
 from producer_lambda.messages import ImageRef, encode
 from producer_lambda.redrive import redrive
@@ -78,15 +79,9 @@ class Options:
     error_codes: tuple[str, ...] = ()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, not argparse's usage block: the message names the flag.
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (flags only; environment defaults are applied by :func:`parse`)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Send a work-queue message for every image under an S3 prefix.",
         epilog="Flags default to the BOTTLENECK_* variables of the Lambda; a flag wins.",

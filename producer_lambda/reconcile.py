@@ -42,12 +42,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from producer_lambda.backfill import FEATURE_SUFFIX, Listed, in_feature_order, list_objects
 from producer_lambda.backoff import error_code
+from producer_lambda.cmdline import OneLineParser
 from producer_lambda.filters import KeyFilter
 from producer_lambda.settings import (
     S3Location,
@@ -364,14 +365,9 @@ class Options:
     json: bool = False
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (environment defaults are applied by :func:`parse`)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Report images without a feature file, out-of-date feature files "
         "(re-uploaded image, changed settings) and feature files whose image is gone.",

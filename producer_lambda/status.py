@@ -40,12 +40,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from producer_lambda.backfill import FEATURE_SUFFIX, list_objects
 from producer_lambda.backoff import call_with_backoff, error_code
+from producer_lambda.cmdline import OneLineParser
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog
 from producer_lambda.settings import S3Location, SettingsError, bottleneck_environ, parse_count
 
@@ -438,14 +439,9 @@ def take_sample(
 # ---------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (environment defaults are applied by :func:`parse`)."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog=PROG,
         description="Backlog, dead letters by error code, Batch jobs, feature files, and a rate.",
         epilog="Flags default to the BOTTLENECK_* variables; a flag wins. Peeking hides up to "
