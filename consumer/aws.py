@@ -84,6 +84,8 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(
         exc,
         botocore.exceptions.ConnectionError
+        # HTTPClientError covers a connection closed or reset mid-request.
+        | botocore.exceptions.HTTPClientError
         | botocore.exceptions.ReadTimeoutError
         | botocore.exceptions.ConnectTimeoutError
         | botocore.exceptions.ResponseStreamingError

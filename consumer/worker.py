@@ -85,6 +85,7 @@ class Worker:
             batch_size=cfg.batch_size,
             max_wait=cfg.max_wait_ms / 1000,
             stop=self.halt,
+            flush=self.stop_receiving,
         )
         self.heartbeat = Heartbeat(
             work_queue=runtime.work_queue,
@@ -138,6 +139,8 @@ class Worker:
         """Seconds since any receiver last got a message, when nothing is held; else 0."""
         if not self.inflight.empty() or not self.acker.idle():
             return 0.0
+        if time.monotonic() < self.acker.redelivery_due:
+            return 0.0  # a message this worker released with a delay is coming back
         last = max(receiver.last_message_at for receiver in self.receivers)
         return time.monotonic() - last
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 _FLUSH_SECONDS = 0.05
 _ATTEMPTS = 5
+_WAIT_FOR_REDELIVERY_S = 60
 
 
 class Acker(threading.Thread):
@@ -34,6 +35,10 @@ class Acker(threading.Thread):
         self.inflight = inflight
         self.stats = stats
         self.actions: queue.Queue[tuple[Action, int]] = queue.Queue()
+        # When the last message released with a short delay becomes visible again: until then
+        # the queue is not really idle, and --idle-exit must not leave its retry to a cold start.
+        # Longer delays (repeated failures) are left to the scaler: idling a GPU costs more.
+        self.redelivery_due = 0.0
         self._halt = threading.Event()
 
     def put(self, action: Action) -> None:
@@ -75,6 +80,9 @@ class Acker(threading.Thread):
                 self.inflight.forget(action.message)
             elif action.verdict is Verdict.RELEASE:
                 releases[action.delay].append((action, attempt))
+                if action.delay <= _WAIT_FOR_REDELIVERY_S:
+                    due = time.monotonic() + action.delay + 1.0
+                    self.redelivery_due = max(self.redelivery_due, due)
             elif action.verdict is Verdict.DEAD_LETTER:
                 try:
                     self.work_queue.dead_letter(action.message, action.dead_letters)

@@ -29,12 +29,18 @@ _GROW_AFTER = 50
 
 
 def collect(
-    source: queue.Queue[ImageTask], max_items: int, max_wait: float, stop: threading.Event
+    source: queue.Queue[ImageTask],
+    max_items: int,
+    max_wait: float,
+    stop: threading.Event,
+    flush: threading.Event | None = None,
 ) -> list[ImageTask]:
     """Up to ``max_items`` tasks: wait briefly for the first, then at most ``max_wait`` for more.
 
     Returns an empty list when nothing arrives within a short poll, so that the caller can
-    finish the batch already on the device instead of holding it until more work comes.
+    finish the batch already on the device instead of holding it until more work comes. Once
+    ``flush`` is set (receiving has stopped: nothing more is coming) it takes only what is
+    already there, so the graceful stop's grace period goes to computing, not waiting.
     """
     try:
         first = source.get(timeout=0 if stop.is_set() else 0.05)
@@ -49,7 +55,7 @@ def collect(
         except queue.Empty:
             pass
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or (flush is not None and flush.is_set()):
             break
         try:
             batch.append(source.get(timeout=remaining))
@@ -76,6 +82,7 @@ class Inference(threading.Thread):
         batch_size: int,
         max_wait: float,
         stop: threading.Event,
+        flush: threading.Event | None = None,
     ) -> None:
         super().__init__(name="infer", daemon=True)
         self.backbone = backbone
@@ -87,12 +94,15 @@ class Inference(threading.Thread):
         self.current_size = batch_size
         self.max_wait = max_wait
         self.stop_event = stop
+        self.flush = flush
         self._good_batches = 0
 
     def run(self) -> None:
         previous: tuple[list[ImageTask], PendingFeatures, float] | None = None
         while not self.stop_event.is_set():
-            batch = collect(self.source, self.current_size, self.max_wait, self.stop_event)
+            batch = collect(
+                self.source, self.current_size, self.max_wait, self.stop_event, self.flush
+            )
             if not batch:
                 if previous is not None:
                     self._finish(*previous)
