@@ -33,13 +33,11 @@ class Fault:
 
 
 def client_error(code: str, status: int, operation: str) -> botocore.exceptions.ClientError:
-    return botocore.exceptions.ClientError(
-        {
-            "Error": {"Code": code, "Message": f"injected {code}"},
-            "ResponseMetadata": {"HTTPStatusCode": status},
-        },
-        operation,
-    )
+    response: Any = {
+        "Error": {"Code": code, "Message": f"injected {code}"},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return botocore.exceptions.ClientError(response, operation)
 
 
 _ERRORS = {
