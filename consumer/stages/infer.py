@@ -58,9 +58,10 @@ def collect(
         if remaining <= 0 or (flush is not None and flush.is_set()):
             break
         try:
-            batch.append(source.get(timeout=remaining))
+            # In short slices, so that a stop is noticed while a long --max-wait-ms runs.
+            batch.append(source.get(timeout=min(remaining, 0.05)))
         except queue.Empty:
-            break
+            continue
     return batch
 
 
