@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from consumer import logs
@@ -22,6 +22,10 @@ EXIT_CONFIG = 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the consumer until stopped or idle; exit 0, or 2 for invalid configuration."""
+    # Signals are handled from the first moment: a SIGTERM while the model loads (seconds) is a
+    # clean exit 0 before any message is received, not a kill.
+    stop = StopSignals()
+    stop.install()
     try:
         config = Config.from_args(argv)
     except ConfigError as exc:
@@ -44,8 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bottleneck-consumer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if stop.received:
+        log.info("stopped before receiving anything", extra={"fields": {"signal": stop.received}})
+        return 0
     worker = Worker(runtime)
-    _install_signal_handlers(worker.request_stop)
+    stop.target = worker.request_stop
+    if stop.received:  # arrived between the check above and the hand-over
+        worker.request_stop(stop.received)
     code = worker.run()
     print(json.dumps({"summary": worker.stats.summary()}), file=sys.stdout, flush=True)
     return code
@@ -78,17 +87,23 @@ def run_per_device(argv: list[str], gpus: int) -> int:
     return max(code if code >= 0 else 128 - code for code in (c.wait() for c in children))
 
 
-def _install_signal_handlers(request_stop: object) -> None:
-    received: list[int] = []
+class StopSignals:
+    """SIGTERM and SIGINT, handled in one place: the first asks for the graceful stop, a second
+    exits at once (SQS makes held messages visible again when their visibility runs out, so
+    nothing is lost, only delayed)."""
 
-    def handle(signum: int, _frame: FrameType | None) -> None:
-        if received:
-            # A second signal: the operator wants out now. SQS makes held messages visible
-            # again when their visibility runs out, so nothing is lost, only delayed.
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.target: Callable[[str], None] | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received is not None:
             os._exit(128 + signum)
-        received.append(signum)
-        log.info("stop requested", extra={"fields": {"signal": signal.Signals(signum).name}})
-        request_stop(signal.Signals(signum).name)  # type: ignore[operator]
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+        self.received = signal.Signals(signum).name
+        log.info("stop requested", extra={"fields": {"signal": self.received}})
+        if self.target is not None:
+            self.target(self.received)
