@@ -26,23 +26,38 @@ class InFlight:
         self._cond = threading.Condition()
         self._messages: dict[str, Message] = {}
         self._images = 0
+        self._reserved = 0  # slots granted to receives still in progress
         self.stopping = False
 
     # --- admission -------------------------------------------------------------------------
     def room(self) -> int:
         with self._cond:
-            return max(0, self.limit - self._images)
+            return max(0, self.limit - self._images - self._reserved)
 
-    def wait_for_room(self, wanted: int, timeout: float) -> int:
-        """Block until at least one image slot is free (or ``timeout``); return free slots."""
+    def reserve(self, wanted: int, timeout: float) -> int:
+        """Block until ``wanted`` slots are free (or ``timeout``); reserve them and return how
+        many, so that concurrent receivers never ask SQS for the same free slots. Give them back
+        with :meth:`unreserve` once the received messages are registered.
+
+        Waiting for a full ``wanted`` (a receive's 10), not any one slot, keeps receives full:
+        each SQS call costs about as much CPU as a decode, so trickling one message per call
+        near the cap would cost more than it gains."""
         deadline = time.monotonic() + timeout
+        need = max(1, min(wanted, self.limit))
         with self._cond:
-            while self._images >= self.limit and not self.stopping:
+            while self.limit - self._images - self._reserved < need and not self.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return 0
                 self._cond.wait(remaining)
-            return min(wanted, max(0, self.limit - self._images))
+            granted = min(wanted, max(0, self.limit - self._images - self._reserved))
+            self._reserved += granted
+            return granted
+
+    def unreserve(self, count: int) -> None:
+        with self._cond:
+            self._reserved -= count
+            self._cond.notify_all()
 
     def register(self, message: Message) -> None:
         """Start holding ``message``; a message with no images settles at once."""

@@ -61,35 +61,42 @@ class Receiver(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            room = self.inflight.wait_for_room(BATCH, timeout=0.5)
+            room = self.inflight.reserve(BATCH, timeout=0.5)
             if room <= 0:
                 continue
             try:
-                messages = self.work_queue.receive(
-                    room, wait_seconds=self.wait_seconds, visibility=self.visibility
-                )
-                self.errors = 0
-            except Exception as exc:
-                self.errors += 1
-                delay = min(30.0, 0.5 * 2 ** min(self.errors, 6))
-                log.warning(
-                    "receive failed; backing off",
-                    exc_info=exc,
-                    extra={"fields": {"retry_in_s": delay}},
-                )
-                self.stop_event.wait(delay)
-                continue
-            self.last_poll_empty = not messages
-            if not messages:
-                continue
-            self.last_message_at = time.monotonic()
-            if self.stop_event.is_set():
-                # Received while stopping: hand them straight back rather than hold them.
-                self.work_queue.change_visibility(messages, 0)
-                continue
-            self.stats.add("messages", len(messages))
-            for message in messages:
-                self._accept(message)
+                self._poll(room)
+            finally:
+                # Registered messages now count as images; the reservation is no longer needed.
+                self.inflight.unreserve(room)
+
+    def _poll(self, room: int) -> None:
+        try:
+            messages = self.work_queue.receive(
+                room, wait_seconds=self.wait_seconds, visibility=self.visibility
+            )
+            self.errors = 0
+        except Exception as exc:
+            self.errors += 1
+            delay = min(30.0, 0.5 * 2 ** min(self.errors, 6))
+            log.warning(
+                "receive failed; backing off",
+                exc_info=exc,
+                extra={"fields": {"retry_in_s": delay}},
+            )
+            self.stop_event.wait(delay)
+            return
+        self.last_poll_empty = not messages
+        if not messages:
+            return
+        self.last_message_at = time.monotonic()
+        if self.stop_event.is_set():
+            # Received while stopping: hand them straight back rather than hold them.
+            self.work_queue.change_visibility(messages, 0)
+            return
+        self.stats.add("messages", len(messages))
+        for message in messages:
+            self._accept(message)
 
     def _accept(self, message: Message) -> None:
         build_tasks(message, self.output_prefix)

@@ -54,7 +54,7 @@ def _load(endpoint: Endpoint) -> tuple[list[str], dict[str, str]]:
 
 def _dead_letters(endpoint: Endpoint) -> list[tuple[str, str, str]]:
     """(key, error-code, source-message-id) of every dead letter, drained."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     while True:
         got = endpoint.sqs.receive_message(
             QueueUrl=endpoint.dlq_url, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
@@ -120,8 +120,8 @@ def test_kills_and_restarts_lose_and_double_nothing(moto_server: str, tmp_path: 
     doubled = {key: n for key, n in versions.items() if n > 1}
     letters = _dead_letters(endpoint)
     by_message: dict[str, set[tuple[str, str]]] = {}
-    for key, code, message_id in letters:
-        by_message.setdefault(message_id, set()).add((key, code))
+    for key, error_code, message_id in letters:
+        by_message.setdefault(message_id, set()).add((key, error_code))
     duplicates = len(letters) - len(by_message)
     print(
         f"\nchaos: {GOOD} good + {len(bad)} bad images, {WORKERS} workers, kills {dict(kills)}, "

@@ -1,0 +1,1 @@
+"""Benchmarks of the consumer (``python -m benchmarks.throughput``, ``make bench``)."""
