@@ -59,14 +59,41 @@ class InFlight:
             self._reserved -= count
             self._cond.notify_all()
 
-    def register(self, message: Message) -> None:
-        """Start holding ``message``; a message with no images settles at once."""
+    def register(self, message: Message) -> bool:
+        """Start holding ``message``; a message with no images settles at once.
+
+        Returns ``False`` when the worker is already stopping (a receive that was under way when
+        the stop came): the message is then settled at once (its unfinished images released with
+        visibility 0) and the caller must not dispatch its images."""
         with self._cond:
+            # SQS can deliver a message again to this same worker while an older copy is still
+            # held (its visibility ran out: a heartbeat failed, or SQS said its handle went
+            # stale). Only the newest receipt handle counts, so the older copy is dropped: it
+            # is neither written nor deleted, and its unfinished images give their slots back
+            # now (its tasks resolve into nothing later, as it is no longer registered).
+            # Without this the older copy's slots leaked for good, shrinking the cap.
+            previous = self._messages.get(message.message_id)
+            superseded = previous is not None and previous is not message and not previous.settled
+            if previous is not None and previous is not message:
+                previous.lost = True
+                self._images -= previous.pending
+                previous.pending = 0
+                previous.settled = True
             self._messages[message.message_id] = message
             message.pending = len(message.images)
             self._images += message.pending
+            stopping = self.stopping
+            if stopping:
+                message.settled = True
+        if superseded:
+            assert previous is not None
+            self._on_settle(decide(previous))  # lost: dropped (counted as such by the acker)
+        if stopping:
+            self._on_settle(decide(message, stopping=True))
+            return False
         if message.pending == 0:
             self._settle(message)
+        return True
 
     # --- resolution ------------------------------------------------------------------------
     def done(self, task: ImageTask, outcome: str) -> None:

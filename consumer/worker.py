@@ -157,7 +157,13 @@ class Worker:
     def shutdown(self, grace: float) -> None:
         """Finish in-hand work within ``grace`` seconds, release the rest, stop every thread."""
         self.stop_receiving.set()
+        deadline = time.monotonic() + grace
         finished = self.inflight.wait_empty(grace)
+        # A receive already under way when the stop came returns its messages within its poll
+        # (at most 20 s): wait for it while the grace period lasts, so that they are handed back
+        # now rather than hidden until their visibility timeout.
+        for receiver in self.receivers:
+            receiver.join(timeout=max(0.0, deadline - time.monotonic()))
         if not finished:
             log.warning(
                 "grace period over; releasing unfinished messages",

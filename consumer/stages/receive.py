@@ -57,6 +57,8 @@ class Receiver(threading.Thread):
         self.stop_event = stop
         self.last_message_at = time.monotonic()
         self.last_poll_empty = False
+        # Whether a poll has found the queue empty since the last message (see _poll).
+        self.found_empty = False
         self.errors = 0
 
     def run(self) -> None:
@@ -64,6 +66,11 @@ class Receiver(threading.Thread):
             room = self.inflight.reserve(BATCH, timeout=0.5)
             if room <= 0:
                 continue
+            if self.stop_event.is_set():
+                # Slots freed by the stop's own releases: receiving now would take messages
+                # this worker will never process (hidden until their visibility runs out).
+                self.inflight.unreserve(room)
+                break
             try:
                 self._poll(room)
             finally:
@@ -84,12 +91,20 @@ class Receiver(threading.Thread):
                 exc_info=exc,
                 extra={"fields": {"retry_in_s": delay}},
             )
+            if not self.found_empty:
+                # A failed receive says nothing about the queue being empty: until a poll has
+                # found it empty, the idle clock starts again only once the backoff is over
+                # (hence a time in the future), or --idle-exit would take an unreachable or
+                # throttling SQS for an empty queue and exit with the work still there.
+                self.last_message_at = max(self.last_message_at, time.monotonic() + delay)
             self.stop_event.wait(delay)
             return
         self.last_poll_empty = not messages
         if not messages:
+            self.found_empty = True
             return
         self.last_message_at = time.monotonic()
+        self.found_empty = False
         if self.stop_event.is_set():
             # Received while stopping: hand them straight back rather than hold them.
             self.work_queue.change_visibility(messages, 0)
@@ -100,7 +115,8 @@ class Receiver(threading.Thread):
 
     def _accept(self, message: Message) -> None:
         build_tasks(message, self.output_prefix)
-        self.inflight.register(message)
+        if not self.inflight.register(message):
+            return  # the worker is stopping: it was released at once
         for task in message.images:
             try:
                 task.output_key = output_key(self.output_prefix, task.ref.key)
