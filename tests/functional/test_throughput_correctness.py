@@ -163,9 +163,10 @@ def test_images_in_flight_never_exceed_the_cap_under_a_slow_writer(stack: Stack)
     # catches every peak; the sampling thread watches the count in between.
     register = worker.inflight.register
 
-    def register_and_sample(message: Any) -> None:
-        register(message)
+    def register_and_sample(message: Any) -> bool:
+        accepted = register(message)  # False while stopping: the receiver must not dispatch
         samples.append(worker.inflight.images())
+        return accepted
 
     worker.inflight.register = register_and_sample  # type: ignore[method-assign]
     done = threading.Event()
