@@ -57,6 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker.request_stop(stop.received)
     code = worker.run()
     print(json.dumps({"summary": worker.stats.summary()}), file=sys.stdout, flush=True)
+    if worker.inference.is_alive():
+        # The grace period ran out mid-forward: its messages are already released. Letting the
+        # interpreter finalize under a running torch kernel can abort the process (SIGABRT,
+        # "terminate called without an active exception"), which Batch would report as a
+        # failure; leave at once with the real exit code instead.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
