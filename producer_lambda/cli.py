@@ -30,7 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from producer_lambda import logs
 from producer_lambda.backfill import run_backfill
 from producer_lambda.backoff import error_code
-from producer_lambda.cmdline import OneLineParser
+from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.filters import KeyFilter
 from producer_lambda.messages import ImageRef, encode
 from producer_lambda.redrive import redrive
@@ -151,12 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
     """Parse and validate the command line; bad arguments exit 2 with one line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _options(args, environ)
-    except SettingsError as exc:
-        parser.error(str(exc))
+    return parse_validated(build_parser(), argv, environ, _options)
 
 
 def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:

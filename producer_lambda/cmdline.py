@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn, TypeVar
+
+from producer_lambda.settings import SettingsError
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 
@@ -13,3 +18,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def parse_validated(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str],
+    build: Callable[[argparse.Namespace, Mapping[str, str]], T],
+) -> T:
+    """Parse ``argv`` and build the tool's options; an invalid value exits 2 with one line."""
+    args = parser.parse_args(argv)
+    try:
+        return build(args, environ)
+    except SettingsError as exc:
+        parser.error(str(exc))

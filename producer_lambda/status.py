@@ -46,7 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from producer_lambda.backfill import FEATURE_SUFFIX, list_objects
 from producer_lambda.backoff import call_with_backoff, error_code
-from producer_lambda.cmdline import OneLineParser
+from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog
 from producer_lambda.settings import S3Location, SettingsError, bottleneck_environ, parse_count
 
@@ -482,12 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
     """Parse and validate the command line; bad arguments exit 2 with one line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _options(args, environ)
-    except SettingsError as exc:
-        parser.error(str(exc))
+    return parse_validated(build_parser(), argv, environ, _options)
 
 
 def _seconds(value: str | None, option: str, *, minimum: float) -> float | None:

@@ -96,6 +96,25 @@ def stack(aws: None) -> Stack:
     )
 
 
+# The producer's tests: plain clients and a work queue, without the consumer's stack.
+@pytest.fixture
+def sqs(aws: None) -> Any:
+    """A moto SQS client."""
+    return boto3.client("sqs", region_name=REGION)
+
+
+@pytest.fixture
+def queue_url(sqs: Any) -> str:
+    """The work queue."""
+    return str(sqs.create_queue(QueueName="work")["QueueUrl"])
+
+
+@pytest.fixture
+def batch(aws: None) -> Any:
+    """A moto Batch client."""
+    return boto3.client("batch", region_name=REGION)
+
+
 def consumer_config(stack: Stack, *extra: str) -> Config:
     """A fast consumer: a tiny timm model, random weights, small batches, quick idle exit."""
     return Config.from_args(

@@ -35,24 +35,6 @@ OUTPUT = S3Location("feats", "resnet50/")
 
 
 @pytest.fixture
-def sqs(aws: None) -> Any:
-    """A moto SQS client."""
-    return boto3.client("sqs", region_name=REGION)
-
-
-@pytest.fixture
-def queue_url(sqs: Any) -> str:
-    """The work queue."""
-    return str(sqs.create_queue(QueueName="work")["QueueUrl"])
-
-
-@pytest.fixture
-def batch(aws: None) -> Any:
-    """A moto Batch client."""
-    return boto3.client("batch", region_name=REGION)
-
-
-@pytest.fixture
 def stack(batch: Any) -> BatchStack:
     """Compute environment, job queue and job definition in moto."""
     iam = boto3.client("iam", region_name=REGION)

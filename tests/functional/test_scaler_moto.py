@@ -27,24 +27,6 @@ NO_SLEEP = Backoff(attempts=4, base=0.0, cap=0.0)
 
 
 @pytest.fixture
-def sqs(aws: None) -> Any:
-    """A moto SQS client."""
-    return boto3.client("sqs", region_name=REGION)
-
-
-@pytest.fixture
-def queue_url(sqs: Any) -> str:
-    """The work queue."""
-    return str(sqs.create_queue(QueueName="work")["QueueUrl"])
-
-
-@pytest.fixture
-def batch(aws: None) -> Any:
-    """A moto Batch client."""
-    return boto3.client("batch", region_name=REGION)
-
-
-@pytest.fixture
 def stack(aws: None, batch: Any) -> BatchStack:
     """Compute environment, job queue and job definition in moto."""
     return create_batch_stack(
