@@ -3,7 +3,8 @@
 SIGTERM mid-batch: exit 0 within ``--stop-grace``, what finished is written and deleted, and
 every other message can be received again right after the exit (the queue's 300 s visibility
 timeout would hide a message that was not released). A second signal exits at once. With an
-empty queue, ``--idle-exit`` ends the process with 0 by itself.
+empty queue, ``--idle-exit`` ends the process with 0 by itself. A SIGTERM while the model
+loads is a clean exit 0 that takes no message.
 """
 
 from __future__ import annotations
@@ -168,3 +169,26 @@ def test_idle_exit_after_the_work_is_done(moto_server: str, tmp_path: Path) -> N
     assert endpoint.versions() == {f"v1/{key}.npy": 1 for key in sent.values()}
     assert endpoint.counts() == (0, 0)
     assert '"reason": "idle"' in log.read_text()
+
+
+def test_sigterm_while_the_model_loads_exits_zero_and_takes_nothing(
+    moto_server: str, tmp_path: Path
+) -> None:
+    # GIVEN waiting messages and a consumer still building resnet50 (seconds on this CPU)
+    endpoint = Endpoint.create(moto_server, visibility=300)
+    enqueue(endpoint, 3)
+    log = tmp_path / "consumer.log"
+    process = endpoint.start(*("--model", "resnet50"), log=log)
+    deadline = time.monotonic() + STARTUP
+    while "using random weights" not in log.read_text():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the consumer never began to load its model"
+        time.sleep(0.02)
+
+    # WHEN Batch sends SIGTERM before the first receive
+    process.send_signal(signal.SIGTERM)
+
+    # THEN it is a clean stop (0, not killed by the signal) that received and wrote nothing
+    assert process.wait(timeout=STARTUP) == 0, log.read_text()[-3000:]
+    assert endpoint.counts() == (3, 0)
+    assert endpoint.versions() == {}
