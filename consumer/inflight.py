@@ -35,20 +35,24 @@ class InFlight:
             return max(0, self.limit - self._images - self._reserved)
 
     def reserve(self, wanted: int, timeout: float) -> int:
-        """Block until ``wanted`` slots are free (or ``timeout``); reserve them and return how
-        many, so that concurrent receivers never ask SQS for the same free slots. Give them back
-        with :meth:`unreserve` once the received messages are registered.
+        """Wait up to ``timeout`` for ``wanted`` free slots, then reserve what is free (possibly
+        fewer, possibly none) and return how many, so that concurrent receivers never ask SQS
+        for the same free slots. Give them back with :meth:`unreserve` once the received
+        messages are registered.
 
-        Waiting for a full ``wanted`` (a receive's 10), not any one slot, keeps receives full:
-        each SQS call costs about as much CPU as a decode, so trickling one message per call
-        near the cap would cost more than it gains."""
+        Waiting for a full ``wanted`` (a receive's 10), not any one slot, keeps receives full
+        while work flows: each SQS call costs about as much CPU as a decode, so trickling one
+        message per call near the cap would cost more than it gains. Taking the partial room
+        once the wait is over is what keeps a cap that is not a multiple of 10 from stalling:
+        with 48 slots and a batch of 48, holding 40 and waiting for 10 more would leave the
+        batch short until ``--max-wait-ms`` flushed it, every batch."""
         deadline = time.monotonic() + timeout
         need = max(1, min(wanted, self.limit))
         with self._cond:
             while self.limit - self._images - self._reserved < need and not self.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return 0
+                    break
                 self._cond.wait(remaining)
             granted = min(wanted, max(0, self.limit - self._images - self._reserved))
             self._reserved += granted

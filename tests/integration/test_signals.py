@@ -44,10 +44,12 @@ def enqueue(endpoint: Endpoint, count: int, prefix: str = "photos") -> dict[str,
     return by_id
 
 
-def wait_until_holding(endpoint: Endpoint, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Until the consumer holds messages (received, not visible)."""
+def wait_until_holding(
+    endpoint: Endpoint, process: subprocess.Popen[bytes], log: Path, at_least: int = 1
+) -> None:
+    """Until the consumer holds ``at_least`` messages (received, not visible)."""
     deadline = time.monotonic() + STARTUP
-    while endpoint.counts()[1] == 0:
+    while endpoint.counts()[1] < at_least:
         assert process.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "the consumer never received anything"
         time.sleep(0.1)
@@ -144,11 +146,16 @@ def test_a_second_signal_exits_at_once(moto_server: str, tmp_path: Path) -> None
         *("--max-wait-ms", "60000", "--stop-grace", "60"),
         log=log,
     )
-    wait_until_holding(endpoint, process, log)
+    # Held by SQS is not yet held by the worker: a stop between the two releases them and exits
+    # at once, with nothing left to interrupt. All 48 received fills the batch; the second lets
+    # the receiver hand them over and the model start on them.
+    wait_until_holding(endpoint, process, log, at_least=48)
+    time.sleep(1.0)
 
     # WHEN it gets SIGINT, and SIGTERM while the first stop is still computing
     process.send_signal(signal.SIGINT)
     time.sleep(0.5)
+    assert process.poll() is None, "the first stop left before the test could interrupt it"
     process.send_signal(signal.SIGTERM)
 
     # THEN it leaves at once with 128 + the second signal, not after the grace period
