@@ -32,7 +32,11 @@ class InFlight:
     # --- admission -------------------------------------------------------------------------
     def room(self) -> int:
         with self._cond:
-            return max(0, self.limit - self._images - self._reserved)
+            return self._free()
+
+    def _free(self) -> int:
+        """Slots neither held nor reserved; the caller holds the lock."""
+        return max(0, self.limit - self._images - self._reserved)
 
     def reserve(self, wanted: int, timeout: float) -> int:
         """Wait up to ``timeout`` for ``wanted`` free slots, then reserve what is free (possibly
@@ -49,12 +53,12 @@ class InFlight:
         deadline = time.monotonic() + timeout
         need = max(1, min(wanted, self.limit))
         with self._cond:
-            while self.limit - self._images - self._reserved < need and not self.stopping:
+            while self._free() < need and not self.stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            granted = min(wanted, max(0, self.limit - self._images - self._reserved))
+            granted = min(wanted, self._free())
             self._reserved += granted
             return granted
 

@@ -51,7 +51,7 @@ def wait_until_holding(
     deadline = time.monotonic() + STARTUP
     while endpoint.counts()[1] < at_least:
         assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the consumer never received anything"
+        assert time.monotonic() < deadline, f"the consumer never held {at_least} message(s)"
         time.sleep(0.1)
 
 
