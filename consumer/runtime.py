@@ -17,7 +17,7 @@ from consumer.errors import ConfigError
 from consumer.features import FeatureSettings
 from consumer.model import Backbone, create_model, model_label, select_device, select_precision
 from consumer.preprocess import ImagePreparer, InputSpec, Preparer
-from consumer.queue import WorkQueue, resolve_dead_letter_url
+from consumer.sqs import WorkQueue, resolve_dead_letter_url
 from consumer.weights import resolve_weights
 
 log = logging.getLogger(__name__)

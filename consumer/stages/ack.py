@@ -14,8 +14,8 @@ import time
 from collections import defaultdict
 
 from consumer.inflight import InFlight
-from consumer.queue import BATCH, WorkQueue
 from consumer.settle import Action, Verdict
+from consumer.sqs import BATCH, WorkQueue
 from consumer.stats import Stats
 from consumer.work import Message
 

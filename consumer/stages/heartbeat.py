@@ -12,7 +12,7 @@ import threading
 import time
 
 from consumer.inflight import InFlight
-from consumer.queue import MAX_HOLD_SECONDS, WorkQueue
+from consumer.sqs import MAX_HOLD_SECONDS, WorkQueue
 from consumer.work import Message
 
 log = logging.getLogger(__name__)

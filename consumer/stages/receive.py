@@ -10,7 +10,7 @@ from collections.abc import Callable
 from consumer.errors import Failure, classify
 from consumer.features import output_key
 from consumer.inflight import InFlight
-from consumer.queue import BATCH, WorkQueue
+from consumer.sqs import BATCH, WorkQueue
 from consumer.stats import Stats
 from consumer.work import ImageTask, Message
 from producer_lambda.messages import MalformedMessage, parse_body

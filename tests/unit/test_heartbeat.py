@@ -6,8 +6,8 @@ import time
 from collections.abc import Sequence
 
 from consumer.inflight import InFlight
-from consumer.queue import MAX_HOLD_SECONDS
 from consumer.settle import Action
+from consumer.sqs import MAX_HOLD_SECONDS
 from consumer.stages.heartbeat import Heartbeat
 from consumer.work import ImageTask, Message
 from producer_lambda.messages import ImageRef
