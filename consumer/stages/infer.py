@@ -131,6 +131,8 @@ class Inference(threading.Thread):
                 return None
             self._out_of_memory(batch)
             return None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch submitted", extra={"fields": {"images": len(batch)}})
         # The time the inference thread was busy on this batch, not the wall time to its
         # result: with one batch in flight behind another, the latter counts the other's work.
         return batch, pending, time.monotonic() - started

@@ -7,13 +7,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from bottleneck_contract.messages import MalformedMessage, parse_body
 from consumer.errors import Failure, classify
 from consumer.features import output_key
 from consumer.inflight import InFlight
 from consumer.sqs import BATCH, WorkQueue
 from consumer.stats import Stats
 from consumer.work import ImageTask, Message
-from producer_lambda.messages import MalformedMessage, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,23 @@ class Receiver(threading.Thread):
             return
         self.last_message_at = time.monotonic()
         self.found_empty = False
+        # Every message taken off the queue counts, those handed straight back below included:
+        # the exit summary must account for each message whose receive count this worker raised.
+        self.stats.add("messages", len(messages))
         if self.stop_event.is_set():
             # Received while stopping: hand them straight back rather than hold them.
             self.work_queue.change_visibility(messages, 0)
+            self.stats.add("messages_released", len(messages))
             return
-        self.stats.add("messages", len(messages))
         for message in messages:
             self._accept(message)
+        if log.isEnabledFor(logging.DEBUG):
+            # What the worker holds once this receive is registered: the state tests wait on.
+            held, total = len(self.inflight.held()), self.stats.counts["messages"]
+            log.debug(
+                "received",
+                extra={"fields": {"messages": len(messages), "held": held, "total": total}},
+            )
 
     def _accept(self, message: Message) -> None:
         build_tasks(message, self.output_prefix)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from producer_lambda.messages import ImageRef, encode
+from bottleneck_contract.messages import ImageRef, encode
 from tests.corpus import photo_jpeg
 from tests.integration.consumer_process import Endpoint
 
@@ -44,15 +44,30 @@ def enqueue(endpoint: Endpoint, count: int, prefix: str = "photos") -> dict[str,
     return by_id
 
 
-def wait_until_holding(
-    endpoint: Endpoint, process: subprocess.Popen[bytes], log: Path, at_least: int = 1
+def wait_until_logged(
+    process: subprocess.Popen[bytes], log: Path, message: str, **fields: Any
 ) -> None:
-    """Until the consumer holds ``at_least`` messages (received, not visible)."""
+    """Until the consumer's (debug) log has a line with ``message`` and at least ``fields``."""
     deadline = time.monotonic() + STARTUP
-    while endpoint.counts()[1] < at_least:
+    while not any(
+        doc.get("message") == message and all(doc.get(k, -1) >= v for k, v in fields.items())
+        for doc in log_lines(log)
+    ):
         assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"the consumer never held {at_least} message(s)"
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, f"the consumer never logged {message!r} {fields}"
+        time.sleep(0.05)
+
+
+def log_lines(log: Path) -> list[dict[str, Any]]:
+    docs = []
+    for line in log.read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            docs.append(doc)
+    return docs
 
 
 def receive_all_now(endpoint: Endpoint) -> dict[str, int]:
@@ -80,30 +95,37 @@ def summary(log: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("grace", "consumer_args"),
+    ("grace", "cap", "consumer_args"),
     [
         # Batches of 8 start at once; 40 held images need far longer than 0.5 s on resnet50.
-        (0.5, ("--batch-size", "8", "--max-wait-ms", "0", "--max-in-flight", "40")),
+        (0.5, 40, ("--batch-size", "8", "--max-wait-ms", "0")),
         # One batch of up to 64 that cannot fill: the stop flushes it, the grace covers it.
-        (20.0, ("--batch-size", "64", "--max-wait-ms", "60000", "--max-in-flight", "20")),
+        (20.0, 20, ("--batch-size", "64", "--max-wait-ms", "60000")),
     ],
     ids=["grace-over-mid-batch", "partial-batch-finished-in-grace"],
 )
 def test_sigterm_mid_batch_exits_zero_and_hands_back_the_rest_at_once(
-    moto_server: str, tmp_path: Path, grace: float, consumer_args: tuple[str, ...]
+    moto_server: str, tmp_path: Path, grace: float, cap: int, consumer_args: tuple[str, ...]
 ) -> None:
-    # GIVEN a queue with a 300 s visibility timeout, 60 images, and a consumer holding some of
-    # them in batches on a model that needs seconds per batch on this CPU (resnet50)
+    # GIVEN a queue with a 300 s visibility timeout, 60 images, and a consumer holding as many
+    # as its in-flight cap lets it (so its one receiver waits for room: no receive under way),
+    # on a model that needs seconds per batch on this CPU (resnet50)
     endpoint = Endpoint.create(moto_server, visibility=300)
     sent = enqueue(endpoint, 60)
     log = tmp_path / "consumer.log"
     process = endpoint.start(
         *("--model", "resnet50", "--stop-grace", str(grace), "--receivers", "1"),
+        *("--max-in-flight", str(cap), "--log-level", "DEBUG"),
         *consumer_args,
         log=log,
     )
-    wait_until_holding(endpoint, process, log)
-    time.sleep(1.0)  # let it receive more and start a batch on the model
+    # Waiting on the state, not on time: under the load of the whole suite a fixed sleep left
+    # a receive under way at the SIGTERM (which the summary then did not count). The worker
+    # has registered a whole cap's worth (not just received it from SQS), and in the mid-batch
+    # case a batch is on the model.
+    wait_until_logged(process, log, "received", total=cap)
+    if grace < 1:
+        wait_until_logged(process, log, "batch submitted", images=1)
 
     # WHEN it gets SIGTERM
     process.send_signal(signal.SIGTERM)
@@ -143,14 +165,14 @@ def test_a_second_signal_exits_at_once(moto_server: str, tmp_path: Path) -> None
     log = tmp_path / "consumer.log"
     process = endpoint.start(
         *("--model", "resnet50", "--batch-size", "48", "--max-in-flight", "48"),
-        *("--max-wait-ms", "60000", "--stop-grace", "60"),
+        *("--max-wait-ms", "60000", "--stop-grace", "60", "--log-level", "DEBUG"),
         log=log,
     )
     # Held by SQS is not yet held by the worker: a stop between the two releases them and exits
-    # at once, with nothing left to interrupt. All 48 received fills the batch; the second lets
-    # the receiver hand them over and the model start on them.
-    wait_until_holding(endpoint, process, log, at_least=48)
-    time.sleep(1.0)
+    # at once, with nothing left to interrupt. So wait until the worker has registered all 48
+    # and the model has the batch.
+    wait_until_logged(process, log, "received", total=48)
+    wait_until_logged(process, log, "batch submitted", images=48)
 
     # WHEN it gets SIGINT, and SIGTERM while the first stop is still computing
     process.send_signal(signal.SIGINT)
