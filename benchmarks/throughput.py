@@ -522,7 +522,7 @@ def _create_queue(sqs: Any, name: str) -> tuple[str, str]:
 
 
 def _enqueue(sqs: Any, queue_url: str, keys: Sequence[str]) -> None:
-    from producer_lambda.messages import ImageRef, encode
+    from bottleneck_contract.messages import ImageRef, encode
 
     for start in range(0, len(keys), 10):
         entries = [
@@ -635,8 +635,8 @@ def measure_naive(
     exclude: Sequence[int],
 ) -> Row:
     """One message at a time: receive 1, GET, decode, batch of 1, PUT, delete; no overlap."""
+    from bottleneck_contract.messages import parse_body
     from consumer.features import serialise
-    from producer_lambda.messages import parse_body
 
     n = len(images.keys)
     queue_url, _ = _create_queue(sqs, "bench-naive")

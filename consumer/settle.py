@@ -10,9 +10,9 @@ import random
 from dataclasses import dataclass, field
 from enum import Enum
 
+from bottleneck_contract.messages import encode
 from consumer.errors import Failure
 from consumer.work import Message
-from producer_lambda.messages import encode
 
 # Released messages come back after base * 2**(receives - 1) seconds (capped, with +-20%
 # jitter), so a throttled dependency gets room to recover before maxReceiveCount runs out.

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bottleneck_contract.messages import ImageRef
 from consumer.errors import Failure
-from producer_lambda.messages import ImageRef
 
 
 @dataclass(eq=False)

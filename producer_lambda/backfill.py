@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract.messages import ImageRef
 from producer_lambda.backoff import error_code
 from producer_lambda.enqueue import MAX_BATCH, send_batch
 from producer_lambda.filters import KeyFilter
 from producer_lambda.logs import log
-from producer_lambda.messages import ImageRef
 from producer_lambda.settings import S3Location
 
 if TYPE_CHECKING:

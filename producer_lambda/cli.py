@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda import logs
 from producer_lambda.backfill import run_backfill
 from producer_lambda.backoff import error_code
 from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.filters import KeyFilter
-from producer_lambda.messages import ImageRef, encode
 from producer_lambda.redrive import redrive
 from producer_lambda.scaler import scale
 from producer_lambda.settings import (

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda.backoff import Backoff, error_code
-from producer_lambda.messages import ImageRef, encode
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient

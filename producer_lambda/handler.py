@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from bottleneck_contract.messages import ImageRef, MalformedMessage, Skip, parse_notification
 from producer_lambda import logs
 from producer_lambda.enqueue import send_all
 from producer_lambda.filters import KeyFilter
-from producer_lambda.messages import ImageRef, MalformedMessage, Skip, parse_notification
 from producer_lambda.scaler import ScaleResult, scale
 from producer_lambda.settings import Settings
 

@@ -1,10 +1,13 @@
-"""Build the Lambda package: a zip of ``producer_lambda/`` alone (the runtime provides boto3).
+"""Build the Lambda package: ``bottleneck_contract/`` and ``producer_lambda/`` (boto3 comes with
+the runtime).
 
     python -m producer_lambda.package [build/producer_lambda.zip]
 
-Only ``*.py`` files go in (no ``__pycache__``), under ``producer_lambda/`` so that the handler is
-``producer_lambda.handler.lambda_handler``. Entries are sorted and carry a fixed timestamp, so the
-same sources give the same bytes (and the same CodeSha256: no needless redeploys).
+Only ``*.py`` files go in (no ``__pycache__``), each under its package folder so that the handler
+is ``producer_lambda.handler.lambda_handler``. ``producer_lambda/__main__.py`` stays out: it starts
+the operator's ``bottleneck-enqueue``, which is not in the zip. Entries are sorted and carry a fixed
+timestamp, so the same sources give the same bytes (and the same CodeSha256: no needless
+redeploys).
 """
 
 from __future__ import annotations
@@ -15,30 +18,37 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_DEST", "PACKAGE_DIR", "build", "main", "package_files"]
+__all__ = ["DEFAULT_DEST", "PACKAGE_DIRS", "build", "main", "package_files"]
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+_ROOT = Path(__file__).resolve().parent.parent
+# The contract first: the handler imports it.
+PACKAGE_DIRS: tuple[Path, ...] = (_ROOT / "bottleneck_contract", _ROOT / "producer_lambda")
 DEFAULT_DEST = Path("build") / "producer_lambda.zip"
+# What a package folder holds that the function never runs.
+_LEFT_OUT = {"producer_lambda/__main__.py"}
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
-def package_files(package_dir: Path = PACKAGE_DIR) -> list[Path]:
-    """The package's source files, sorted: ``*.py`` at any depth, never under ``__pycache__``."""
-    return sorted(
-        path
-        for path in package_dir.rglob("*.py")
-        if "__pycache__" not in path.relative_to(package_dir).parts and path.is_file()
-    )
+def package_files(package_dirs: Sequence[Path] = PACKAGE_DIRS) -> list[tuple[str, Path]]:
+    """``(zip entry name, source path)`` for every ``*.py`` of the packages, sorted by name."""
+    found: list[tuple[str, Path]] = []
+    for package_dir in package_dirs:
+        for path in package_dir.rglob("*.py"):
+            relative = path.relative_to(package_dir)
+            name = (Path(package_dir.name) / relative).as_posix()
+            if "__pycache__" in relative.parts or not path.is_file() or name in _LEFT_OUT:
+                continue
+            found.append((name, path))
+    return sorted(found)
 
 
-def build(dest: Path = DEFAULT_DEST, package_dir: Path = PACKAGE_DIR) -> list[str]:
+def build(dest: Path = DEFAULT_DEST, package_dirs: Sequence[Path] = PACKAGE_DIRS) -> list[str]:
     """Write the zip to ``dest`` (atomically) and return its entry names."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
     partial = dest.with_name(dest.name + ".partial")
     with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for path in package_files(package_dir):
-            name = (Path(package_dir.name) / path.relative_to(package_dir)).as_posix()
+        for name, path in package_files(package_dirs):
             info = zipfile.ZipInfo(name, date_time=_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16  # readable by the Lambda runtime's user

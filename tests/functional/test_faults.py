@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
+from bottleneck_contract.messages import ImageRef, encode
 from consumer.aws import Clients
 from consumer.runtime import build_runtime
 from consumer.worker import Worker
-from producer_lambda.messages import ImageRef, encode
 from tests.corpus import BAD_CASES, photo_jpeg
 from tests.faults import Fault, Faulty
 from tests.functional.conftest import Stack, consumer_config

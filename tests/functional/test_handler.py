@@ -10,11 +10,11 @@ from typing import Any
 import boto3
 import pytest
 
+from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda import handler as handler_module
 from producer_lambda import logs
 from producer_lambda.enqueue import SEND_BACKOFF
 from producer_lambda.handler import EnqueueError, handle, lambda_handler
-from producer_lambda.messages import ImageRef, encode
 from producer_lambda.settings import S3Location, ScalingSettings, Settings
 from tests.factories import (
     FakeContext,

@@ -9,8 +9,8 @@ from typing import Any
 import boto3
 import pytest
 
+from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda import cli
-from producer_lambda.messages import ImageRef, encode
 
 REGION = "us-east-1"
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import consumer.stages.infer
+from bottleneck_contract.messages import ImageRef, encode
 from consumer.aws import Clients
 from consumer.runtime import Runtime, build_runtime
 from consumer.worker import Worker
-from producer_lambda.messages import ImageRef, encode
 from tests.corpus import BAD_CASES, GOOD_CASES, photo_jpeg
 from tests.corpus import encode as encode_image
 from tests.functional.conftest import Stack, consumer_config

@@ -19,10 +19,10 @@ import boto3
 import numpy as np
 from PIL import Image
 
+from bottleneck_contract.messages import ImageRef, encode
 from consumer.aws import Clients
 from consumer.runtime import build_runtime
 from consumer.worker import Worker
-from producer_lambda.messages import ImageRef, encode
 from tests.corpus import encode as encode_image
 from tests.corpus import photo_array, photo_jpeg
 from tests.functional.conftest import REGION, Stack, consumer_config

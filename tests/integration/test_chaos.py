@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from producer_lambda.messages import ImageRef, encode
+from bottleneck_contract.messages import ImageRef, encode
 from tests.corpus import BAD_CASES, photo_jpeg
 from tests.integration.consumer_process import Endpoint
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from bottleneck_contract.messages import ImageRef
 from consumer.inflight import InFlight
 from consumer.settle import Action
 from consumer.sqs import MAX_HOLD_SECONDS
 from consumer.stages.heartbeat import Heartbeat
 from consumer.work import ImageTask, Message
-from producer_lambda.messages import ImageRef
 
 
 class FakeQueue:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+from bottleneck_contract.messages import ImageRef
 from consumer.inflight import InFlight
 from consumer.work import ImageTask, Message
-from producer_lambda.messages import ImageRef
 
 
 def _hold(inflight: InFlight, name: str, images: int) -> Message:

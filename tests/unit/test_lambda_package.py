@@ -1,4 +1,5 @@
-"""The Lambda package: producer_lambda/ alone, importable without torch, timm, numpy or Pillow."""
+"""The Lambda package: bottleneck_contract/ and producer_lambda/, importable without torch, timm,
+numpy or Pillow."""
 
 from __future__ import annotations
 
@@ -52,7 +53,11 @@ def test_zip_holds_the_package_sources_only(tmp_path: Path) -> None:
     assert listed == names
     assert "producer_lambda/handler.py" in listed
     assert "producer_lambda/__init__.py" in listed
-    assert all(n.startswith("producer_lambda/") and n.endswith(".py") for n in listed)
+    assert "bottleneck_contract/messages.py" in listed
+    assert all(
+        n.startswith(("bottleneck_contract/", "producer_lambda/")) and n.endswith(".py")
+        for n in listed
+    )
     assert not any("__pycache__" in n for n in listed)
     # The same sources give the same bytes (no needless redeploys).
     again = package.build(tmp_path / "again.zip")

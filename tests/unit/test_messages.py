@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from producer_lambda.messages import (
+from bottleneck_contract.messages import (
     ImageRef,
     MalformedMessage,
     Skip,

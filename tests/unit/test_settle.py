@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from bottleneck_contract.messages import ImageRef
 from consumer.errors import Failure
 from consumer.settle import RELEASE_MAX_SECONDS, Verdict, decide, release_delay
 from consumer.work import ImageTask, Message
-from producer_lambda.messages import ImageRef
 
 PERMANENT = Failure("not-an-image", "text file", permanent=True)
 TRANSIENT = Failure("throttled", "SlowDown", permanent=False)
