@@ -49,10 +49,21 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import unquote
 
 import numpy as np
 
+from bottleneck_contract.features import (
+    FEATURE_SUFFIX,
+    FINGERPRINT,
+    MODEL,
+    POOL,
+    SOURCE_BUCKET,
+    SOURCE_ETAG,
+    SOURCE_KEY,
+    WEIGHTS,
+    decode_key,
+    decode_weights,
+)
 from producer_lambda.cmdline import OneLineParser
 
 __all__ = [
@@ -104,11 +115,11 @@ class Downloaded:
         meta = self.metadata
         return {
             "row": self.row,
-            "source_bucket": meta.get("source-bucket", ""),
-            "source_key": unquote(meta.get("source-key", "")),
-            "source_etag": meta.get("source-etag", ""),
+            "source_bucket": meta.get(SOURCE_BUCKET, ""),
+            "source_key": decode_key(meta.get(SOURCE_KEY, "")),
+            "source_etag": meta.get(SOURCE_ETAG, ""),
             "feature_key": self.key,
-            "fingerprint": meta.get("fingerprint", ""),
+            "fingerprint": meta.get(FINGERPRINT, ""),
         }
 
 
@@ -142,7 +153,9 @@ def list_feature_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
     """Every ``.npy`` key under ``prefix``, sorted (code point order = S3's UTF-8 byte order)."""
     keys: list[str] = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(".npy"))
+        keys.extend(
+            obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(FEATURE_SUFFIX)
+        )
     keys.sort()
     return keys
 
@@ -236,10 +249,10 @@ def _write_text(path: Path, text: str) -> None:
 
 def _settings(metadata: Mapping[str, str]) -> dict[str, str]:
     return {
-        "model": metadata.get("model", ""),
-        "weights": unquote(metadata.get("weights", "")),
-        "pool": metadata.get("pool", ""),
-        "fingerprint": metadata.get("fingerprint", ""),
+        "model": metadata.get(MODEL, ""),
+        "weights": decode_weights(metadata.get(WEIGHTS, "")),
+        "pool": metadata.get(POOL, ""),
+        "fingerprint": metadata.get(FINGERPRINT, ""),
     }
 
 
@@ -360,7 +373,7 @@ def _write_row(partial: _Partial, items: Sequence[Downloaded], done: dict[int, A
 
 
 def _check_metadata(item: Downloaded) -> None:
-    if "fingerprint" not in item.metadata:
+    if FINGERPRINT not in item.metadata:
         raise CollectError(
             f"{item.key} has no fingerprint metadata: not written by bottleneck-consumer?"
         )

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from bottleneck_contract.features import is_current
 from bottleneck_contract.messages import ImageRef
 from consumer import aws
 from consumer.errors import PermanentError, TransientError
-from consumer.features import is_current
 
 log = logging.getLogger(__name__)
 

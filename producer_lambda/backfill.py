@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.messages import ImageRef
 from producer_lambda.backoff import error_code
 from producer_lambda.enqueue import MAX_BATCH, send_batch
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
 
 __all__ = [
-    "FEATURE_SUFFIX",
     "SKIP_EXISTS",
     "BackfillResult",
     "Listed",
@@ -56,7 +56,6 @@ __all__ = [
     "without_features",
 ]
 
-FEATURE_SUFFIX = ".npy"
 SKIP_EXISTS = "feature-exists"
 
 

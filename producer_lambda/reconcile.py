@@ -46,7 +46,14 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer_lambda.backfill import FEATURE_SUFFIX, Listed, in_feature_order, list_objects
+from bottleneck_contract.features import (
+    FEATURE_SUFFIX,
+    FINGERPRINT,
+    SOURCE_ETAG,
+    feature_key,
+    source_key_of,
+)
+from producer_lambda.backfill import Listed, in_feature_order, list_objects
 from producer_lambda.backoff import error_code
 from producer_lambda.cmdline import OneLineParser
 from producer_lambda.filters import KeyFilter
@@ -163,7 +170,7 @@ def merge_join(
     feature_iter = (f for f in features if f.key.endswith(FEATURE_SUFFIX))
     feature = next(feature_iter, None)
     for image in in_feature_order(images):
-        target = image.key + FEATURE_SUFFIX
+        target = feature_key("", image.key)
         while feature is not None and feature.key[cut:] < target:
             yield Pair(None, feature)
             feature = next(feature_iter, None)
@@ -185,7 +192,7 @@ def judge(
     ``expected`` is the fingerprint to hold it to; ``None`` checks the ETag only.
     """
     findings: list[Finding] = []
-    recorded = metadata.get("source-etag", "").strip('"')
+    recorded = metadata.get(SOURCE_ETAG, "").strip('"')
     current = (image.etag or "").strip('"')
     if recorded != current:
         findings.append(
@@ -193,7 +200,7 @@ def judge(
                 STALE_ETAG, image.key, feature_key, f"source-etag {recorded or '-'} != {current}"
             )
         )
-    fingerprint = metadata.get("fingerprint", "")
+    fingerprint = metadata.get(FINGERPRINT, "")
     if expected is not None and fingerprint != expected:
         findings.append(
             Finding(
@@ -299,7 +306,7 @@ def reconcile(
                     yield _count(report, Finding(MISSING, pair.image.key))
                 continue
             if pair.image is None:
-                name = pair.feature.key[len(output.prefix) : -len(FEATURE_SUFFIX)]
+                name = source_key_of(output.prefix, pair.feature.key) or pair.feature.key
                 yield _count(report, Finding(ORPHAN, name, pair.feature.key, "image is gone"))
                 continue
             if not heads:
@@ -308,7 +315,7 @@ def reconcile(
                 report.vanished += 1
                 continue
             report.checked += 1
-            found = metadata.get("fingerprint", "")
+            found = metadata.get(FINGERPRINT, "")
             report.fingerprints[found] += 1
             for finding in judge(pair.image, pair.feature.key, metadata, fingerprint):
                 yield _count(report, finding)

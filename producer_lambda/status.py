@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from producer_lambda.backfill import FEATURE_SUFFIX, list_objects
+from bottleneck_contract.features import FEATURE_SUFFIX
+from producer_lambda.backfill import list_objects
 from producer_lambda.backoff import call_with_backoff, error_code
 from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog

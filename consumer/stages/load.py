@@ -13,9 +13,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from bottleneck_contract.features import is_current
 from consumer import storage
 from consumer.errors import classify
-from consumer.features import is_current
 from consumer.inflight import InFlight
 from consumer.preprocess import Preparer
 from consumer.stats import Stats

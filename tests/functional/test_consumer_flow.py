@@ -11,8 +11,8 @@ from urllib.parse import quote_plus
 
 import numpy as np
 
+from bottleneck_contract.features import encode_key
 from bottleneck_contract.messages import ImageRef, encode
-from consumer.features import encode_key
 from tests.corpus import BAD_CASES, photo_jpeg
 from tests.functional.conftest import Stack
 

@@ -5,22 +5,21 @@ from __future__ import annotations
 import dataclasses
 import io
 from typing import Any
-from urllib.parse import unquote
 
 import numpy as np
 import pytest
 
-from consumer.errors import PermanentError
-from consumer.features import (
+from bottleneck_contract.features import (
     MAX_METADATA_BYTES,
-    FeatureSettings,
+    decode_key,
     encode_key,
+    feature_key,
     is_current,
-    metadata,
     metadata_size,
-    output_key,
-    serialise,
+    source_key_of,
 )
+from consumer.errors import PermanentError
+from consumer.features import FeatureSettings, metadata, output_key, serialise
 from consumer.preprocess import InputSpec
 
 SPEC = InputSpec(
@@ -55,6 +54,14 @@ SETTINGS = FeatureSettings(
 def test_output_key_appends_npy_to_the_real_key(prefix: str, key: str, expected: str) -> None:
     # GIVEN an output prefix and a real (decoded) source key WHEN mapped THEN nothing is escaped
     assert output_key(prefix, key) == expected
+    # AND the tools map the feature key back to the same source key
+    assert source_key_of(prefix, expected) == key
+
+
+def test_source_key_of_refuses_keys_that_are_not_feature_files() -> None:
+    assert source_key_of("f/", feature_key("f/", "a.jpg")) == "a.jpg"
+    assert source_key_of("f/", "f/notes.txt") is None
+    assert source_key_of("f/", "g/a.jpg.npy") is None
 
 
 def test_output_key_over_s3_limit_is_a_permanent_failure() -> None:
@@ -71,7 +78,7 @@ def test_source_key_metadata_is_ascii_and_round_trips(key: str) -> None:
     # GIVEN any key WHEN percent-encoded for metadata THEN it is ASCII and decodes back exactly
     encoded = encode_key(key)
     assert encoded.isascii()
-    assert unquote(encoded) == key
+    assert decode_key(encoded) == key
 
 
 def _meta(key: str) -> dict[str, str]:
@@ -114,7 +121,7 @@ def test_metadata_fits_2kb_for_the_longest_keys(key: str) -> None:
 
 
 def test_short_key_metadata_keeps_the_key_itself() -> None:
-    assert unquote(_meta("猫" * 100)["source-key"]) == "猫" * 100
+    assert decode_key(_meta("猫" * 100)["source-key"]) == "猫" * 100
 
 
 NUMERIC_CHANGES = {
