@@ -1,9 +1,25 @@
 """The worker: the stages joined by bounded queues, with an explicit lifecycle.
 
 ``start()`` launches the threads; ``request_stop()`` (SIGTERM, SIGINT, Spot notice, idle exit)
-stops receiving; ``run()`` blocks until then and performs the graceful stop: finish what is in
-hand within the grace period, write and delete what finished, release the rest at once
-(visibility 0) so that another worker takes it, and return the exit code.
+stops receiving; ``run()`` blocks until then and performs the graceful stop, and returns the exit
+code.
+
+The shutdown protocol, in order (every exit takes it: idle, SIGTERM, SIGINT, Spot notice; only a
+second signal skips it, see ``consumer.cli``):
+
+1. ``receiving_stopped`` is set. No receiver starts another receive; a partial micro-batch is
+   computed at once instead of waiting ``--max-wait-ms`` for images that will not come.
+2. The work in hand gets the grace period (``--stop-grace``; 0 for the idle exit, which holds
+   nothing) to be written and its messages deleted.
+3. Every receive already under way is awaited, however short the grace: SQS has made its messages
+   invisible, and the receiver hands them back at once (visibility 0). A long poll ends within
+   its wait time (at most 20 s, ``--idle-exit`` seconds when that is shorter), so this is bounded.
+4. ``halted`` is set. Fetch, decode, model and write drop what they hold; every message not yet
+   settled is released at once, so that another worker takes it now rather than after its
+   visibility timeout.
+5. The acker carries out the last deletes, dead-letters and releases; then the heartbeat, the
+   Spot watch and the pools stop. After an exit 0 the queue holds no message this worker received
+   that is still invisible because of it.
 """
 
 from __future__ import annotations
@@ -46,8 +62,8 @@ class Worker:
         self.spot_watch = (
             SpotWatch(cfg.metadata_endpoint, self.request_stop) if cfg.spot_watch == "on" else None
         )
-        self.stop_receiving = threading.Event()
-        self.halt = threading.Event()
+        self.receiving_stopped = threading.Event()
+        self.halted = threading.Event()
         # Settled messages go to the acker; the lambda defers the lookup until it exists.
         self.inflight = InFlight(cfg.in_flight_limit, lambda action: self.acker.put(action))
         self.acker = Acker(work_queue=runtime.work_queue, inflight=self.inflight, stats=self.stats)
@@ -56,7 +72,7 @@ class Worker:
             s3=runtime.clients.s3,
             inflight=self.inflight,
             stats=self.stats,
-            stop=self.halt,
+            halted=self.halted,
             settings=runtime.settings,
             fingerprint=runtime.fingerprint,
             output_bucket=cfg.output.bucket,
@@ -68,7 +84,7 @@ class Worker:
             inflight=self.inflight,
             out=self.decoded,
             stats=self.stats,
-            stop=self.halt,
+            halted=self.halted,
             prepare=runtime.prepare,
             fetch_concurrency=cfg.fetch_concurrency,
             decode_threads=cfg.decode_threads,
@@ -84,8 +100,8 @@ class Worker:
             stats=self.stats,
             batch_size=cfg.batch_size,
             max_wait=cfg.max_wait_ms / 1000,
-            stop=self.halt,
-            flush=self.stop_receiving,
+            halted=self.halted,
+            receiving_stopped=self.receiving_stopped,
         )
         self.heartbeat = Heartbeat(
             work_queue=runtime.work_queue,
@@ -106,7 +122,7 @@ class Worker:
                 visibility=cfg.visibility_timeout,
                 wait_seconds=wait,
                 stats=self.stats,
-                stop=self.stop_receiving,
+                receiving_stopped=self.receiving_stopped,
             )
             for i in range(cfg.receivers)
         ]
@@ -133,45 +149,45 @@ class Worker:
         """Stop receiving; :meth:`run` then finishes the graceful stop. Safe from any thread."""
         if self.stop_reason is None:
             self.stop_reason = reason
-        self.stop_receiving.set()
+        self.receiving_stopped.set()
 
     def idle_for(self) -> float:
-        """Seconds since any receiver last got a message, when nothing is held; else 0."""
+        """Seconds in which every receive came back empty and nothing was held; else 0."""
         if not self.inflight.empty() or not self.acker.idle():
             return 0.0
-        if time.monotonic() < self.acker.redelivery_due:
+        now = time.monotonic()
+        if now < self.acker.redelivery_due:
             return 0.0  # a message this worker released with a delay is coming back
-        last = max(receiver.last_message_at for receiver in self.receivers)
-        return time.monotonic() - last
+        return min(receiver.idle_for(now) for receiver in self.receivers)
 
     def run(self) -> int:
         """Start, wait for a stop (signal, idle exit), stop gracefully; return the exit code."""
         self.start()
         idle_exit = self.config.idle_exit
-        while not self.stop_receiving.wait(0.2):
+        while not self.receiving_stopped.wait(0.2):
             if idle_exit and self.idle_for() >= idle_exit:
                 self.request_stop("idle")
         self.shutdown(self.config.stop_grace if self.stop_reason != "idle" else 0.0)
         return 0
 
     def shutdown(self, grace: float) -> None:
-        """Finish in-hand work within ``grace`` seconds, release the rest, stop every thread."""
-        self.stop_receiving.set()
-        deadline = time.monotonic() + grace
-        finished = self.inflight.wait_empty(grace)
-        # A receive already under way when the stop came returns its messages within its poll
-        # (at most 20 s): wait for it while the grace period lasts, so that they are handed back
-        # now rather than hidden until their visibility timeout.
-        for receiver in self.receivers:
-            receiver.join(timeout=max(0.0, deadline - time.monotonic()))
+        """The shutdown protocol of the module docstring, steps 1 to 5."""
+        self.receiving_stopped.set()  # 1
+        finished = self.inflight.wait_empty(grace)  # 2
+        for receiver in self.receivers:  # 3
+            # A long poll ends within its wait; the margin covers a slow answer (SQS's read
+            # timeout is longer still, but a receive that slow has failed anyway).
+            receiver.join(timeout=receiver.wait_seconds + 10)
+            if receiver.is_alive():
+                log.warning("a receive did not return in time", extra={"fields": {}})
         if not finished:
             log.warning(
                 "grace period over; releasing unfinished messages",
                 extra={"fields": {"held": len(self.inflight.held()), "grace_s": grace}},
             )
-        self.halt.set()
+        self.halted.set()  # 4
         self.inflight.release_unfinished()
-        self.inflight.wait_empty(5.0)
+        self.inflight.wait_empty(5.0)  # 5
         self.loader.shutdown()
         self.writer.shutdown(wait=False)
         self.heartbeat.stop()

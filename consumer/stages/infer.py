@@ -32,18 +32,18 @@ def collect(
     source: queue.Queue[ImageTask],
     max_items: int,
     max_wait: float,
-    stop: threading.Event,
-    flush: threading.Event | None = None,
+    halted: threading.Event,
+    receiving_stopped: threading.Event | None = None,
 ) -> list[ImageTask]:
     """Up to ``max_items`` tasks: wait briefly for the first, then at most ``max_wait`` for more.
 
     Returns an empty list when nothing arrives within a short poll, so that the caller can
     finish the batch already on the device instead of holding it until more work comes. Once
-    ``flush`` is set (receiving has stopped: nothing more is coming) it takes only what is
+    ``receiving_stopped`` is set (nothing more is coming) it takes only what is
     already there, so the graceful stop's grace period goes to computing, not waiting.
     """
     try:
-        first = source.get(timeout=0 if stop.is_set() else 0.05)
+        first = source.get(timeout=0 if halted.is_set() else 0.05)
     except queue.Empty:
         return []
     batch = [first]
@@ -55,7 +55,7 @@ def collect(
         except queue.Empty:
             pass
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or (flush is not None and flush.is_set()):
+        if remaining <= 0 or (receiving_stopped is not None and receiving_stopped.is_set()):
             break
         try:
             # In short slices, so that a stop is noticed while a long --max-wait-ms runs.
@@ -82,8 +82,8 @@ class Inference(threading.Thread):
         stats: Stats,
         batch_size: int,
         max_wait: float,
-        stop: threading.Event,
-        flush: threading.Event | None = None,
+        halted: threading.Event,
+        receiving_stopped: threading.Event | None = None,
     ) -> None:
         super().__init__(name="infer", daemon=True)
         self.backbone = backbone
@@ -94,15 +94,19 @@ class Inference(threading.Thread):
         self.batch_size = batch_size
         self.current_size = batch_size
         self.max_wait = max_wait
-        self.stop_event = stop
-        self.flush = flush
+        self.halted = halted
+        self.receiving_stopped = receiving_stopped
         self._good_batches = 0
 
     def run(self) -> None:
         previous: tuple[list[ImageTask], PendingFeatures, float] | None = None
-        while not self.stop_event.is_set():
+        while not self.halted.is_set():
             batch = collect(
-                self.source, self.current_size, self.max_wait, self.stop_event, self.flush
+                self.source,
+                self.current_size,
+                self.max_wait,
+                self.halted,
+                self.receiving_stopped,
             )
             if not batch:
                 if previous is not None:
@@ -113,7 +117,7 @@ class Inference(threading.Thread):
             if previous is not None:
                 self._finish(*previous)
             previous = submitted
-        if previous is not None and not self.stop_event.is_set():
+        if previous is not None and not self.halted.is_set():
             self._finish(*previous)
 
     def _submit(

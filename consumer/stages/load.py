@@ -34,7 +34,7 @@ class Loader:
         inflight: InFlight,
         out: queue.Queue[ImageTask],
         stats: Stats,
-        stop: threading.Event,
+        halted: threading.Event,
         prepare: Preparer,
         fetch_concurrency: int,
         decode_threads: int,
@@ -46,7 +46,7 @@ class Loader:
         self.inflight = inflight
         self.out = out
         self.stats = stats
-        self.stop_event = stop
+        self.halted = halted
         self.prepare = prepare
         self.max_bytes = prepare.limits.max_bytes
         self.output_bucket = output_bucket
@@ -67,7 +67,7 @@ class Loader:
         if task.message.lost:
             self.inflight.done(task, "dropped")
             return True
-        return self.stop_event.is_set()
+        return self.halted.is_set()
 
     def _fetch(self, task: ImageTask) -> None:
         if self._abandoned(task):
@@ -105,7 +105,7 @@ class Loader:
             task.data = None  # the encoded bytes are no longer needed: keep memory bounded
         except Exception as exc:
             return self._fail(task, exc)
-        while not self.stop_event.is_set():
+        while not self.halted.is_set():
             try:
                 self.out.put(task, timeout=0.2)
                 return None

@@ -44,7 +44,7 @@ class Receiver(threading.Thread):
         visibility: int,
         wait_seconds: int,
         stats: Stats,
-        stop: threading.Event,
+        receiving_stopped: threading.Event,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.work_queue = work_queue
@@ -54,19 +54,26 @@ class Receiver(threading.Thread):
         self.visibility = visibility
         self.wait_seconds = wait_seconds
         self.stats = stats
-        self.stop_event = stop
-        self.last_message_at = time.monotonic()
-        self.last_poll_empty = False
-        # Whether a poll has found the queue empty since the last message (see _poll).
-        self.found_empty = False
+        self.receiving_stopped = receiving_stopped
+        # When the current run of empty receives began (the poll's start), or None while this
+        # receiver is busy: it got messages, it waits for room under the in-flight cap, or it
+        # has not yet found the queue empty. --idle-exit counts from here, never from the last
+        # message: a receiver held back by a full cap is working, not idle.
+        self.empty_since: float | None = None
         self.errors = 0
 
+    def idle_for(self, now: float) -> float:
+        """Seconds in which every receive of this receiver came back empty (0 when busy)."""
+        since = self.empty_since
+        return 0.0 if since is None else max(0.0, now - since)
+
     def run(self) -> None:
-        while not self.stop_event.is_set():
+        while not self.receiving_stopped.is_set():
             room = self.inflight.reserve(BATCH, timeout=0.5)
             if room <= 0:
+                self.empty_since = None  # waiting for room: the worker is full of work
                 continue
-            if self.stop_event.is_set():
+            if self.receiving_stopped.is_set():
                 # Slots freed by the stop's own releases: receiving now would take messages
                 # this worker will never process (hidden until their visibility runs out).
                 self.inflight.unreserve(room)
@@ -78,6 +85,7 @@ class Receiver(threading.Thread):
                 self.inflight.unreserve(room)
 
     def _poll(self, room: int) -> None:
+        started = time.monotonic()
         try:
             messages = self.work_queue.receive(
                 room, wait_seconds=self.wait_seconds, visibility=self.visibility
@@ -91,24 +99,20 @@ class Receiver(threading.Thread):
                 exc_info=exc,
                 extra={"fields": {"retry_in_s": delay}},
             )
-            if not self.found_empty:
-                # A failed receive says nothing about the queue being empty: until a poll has
-                # found it empty, the idle clock starts again only once the backoff is over
-                # (hence a time in the future), or --idle-exit would take an unreachable or
-                # throttling SQS for an empty queue and exit with the work still there.
-                self.last_message_at = max(self.last_message_at, time.monotonic() + delay)
-            self.stop_event.wait(delay)
+            # A failed receive says nothing about the queue being empty: it leaves the idle
+            # clock as it was (running only if an earlier poll found the queue empty), or
+            # --idle-exit would take an unreachable or throttling SQS for an empty queue.
+            self.receiving_stopped.wait(delay)
             return
-        self.last_poll_empty = not messages
         if not messages:
-            self.found_empty = True
+            if self.empty_since is None:
+                self.empty_since = started
             return
-        self.last_message_at = time.monotonic()
-        self.found_empty = False
+        self.empty_since = None
         # Every message taken off the queue counts, those handed straight back below included:
         # the exit summary must account for each message whose receive count this worker raised.
         self.stats.add("messages", len(messages))
-        if self.stop_event.is_set():
+        if self.receiving_stopped.is_set():
             # Received while stopping: hand them straight back rather than hold them.
             self.work_queue.change_visibility(messages, 0)
             self.stats.add("messages_released", len(messages))

@@ -26,7 +26,7 @@ class Writer:
         s3: Any,
         inflight: InFlight,
         stats: Stats,
-        stop: threading.Event,
+        halted: threading.Event,
         settings: FeatureSettings,
         fingerprint: str,
         output_bucket: str,
@@ -36,7 +36,7 @@ class Writer:
         self.s3 = s3
         self.inflight = inflight
         self.stats = stats
-        self.stop_event = stop
+        self.halted = halted
         self.settings = settings
         self.fingerprint = fingerprint
         self.output_bucket = output_bucket

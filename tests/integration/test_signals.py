@@ -221,3 +221,27 @@ def test_sigterm_while_the_model_loads_exits_zero_and_takes_nothing(
     assert process.wait(timeout=STARTUP) == 0, log.read_text()[-3000:]
     assert endpoint.counts() == (3, 0)
     assert endpoint.versions() == {}
+
+
+def test_idle_exit_leaves_nothing_in_flight_when_the_cap_held_receivers_back(
+    moto_server: str, tmp_path: Path
+) -> None:
+    # GIVEN 19 images, each sent twice (38 messages), more than the in-flight cap of 28 that
+    # --batch-size 4 gives, so that the receivers wait for room while the first 28 are worked on
+    endpoint = Endpoint.create(moto_server, visibility=300)
+    sent = enqueue(endpoint, 19)
+    for key in list(sent.values()):
+        endpoint.sqs.send_message(
+            QueueUrl=endpoint.queue_url, MessageBody=encode(ImageRef("images", key))
+        )
+    log = tmp_path / "consumer.log"
+
+    # WHEN a consumer runs with --idle-exit 5 and nobody stops it
+    process = endpoint.start("--batch-size", "4", "--idle-exit", "5", log=log)
+
+    # THEN it exits 0 by itself only once the queue is really empty: every message handled,
+    # nothing visible, nothing left in flight behind the 300 s visibility timeout
+    assert process.wait(timeout=STARTUP + 60) == 0, log.read_text()[-3000:]
+    assert endpoint.counts() == (0, 0), log.read_text()[-3000:]
+    assert endpoint.versions() == {f"v1/{key}.npy": 1 for key in sent.values()}
+    assert summary(log)["messages"] == 38

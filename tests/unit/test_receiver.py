@@ -46,7 +46,7 @@ def test_messages_received_during_a_stop_are_counted_and_handed_back_at_once() -
         visibility=300,
         wait_seconds=1,
         stats=stats,
-        stop=stop,
+        receiving_stopped=stop,
     )
 
     # WHEN it runs until the stop
@@ -60,3 +60,91 @@ def test_messages_received_during_a_stop_are_counted_and_handed_back_at_once() -
     assert dispatched == []
     assert stats.summary()["messages"] == 7
     assert stats.counts["messages_released"] == 7
+
+
+class Scripted:
+    """A work queue that answers each receive from a script: a count of messages, or an error."""
+
+    def __init__(self, answers: list[int | Exception], stop: threading.Event) -> None:
+        self.answers = answers
+        self.stop = stop
+        self.calls = 0
+
+    def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
+        self.calls += 1
+        if not self.answers:
+            self.stop.set()
+            return []
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return [
+            Message(f"m{self.calls}-{i}", "h", '{"bucket": "b", "key": "k"}', 1, 0.0, 300.0)
+            for i in range(answer)
+        ]
+
+    def change_visibility(self, messages: list[Message], seconds: int) -> list[Message]:
+        return []
+
+
+def receiver_for(work_queue: Any, stop: threading.Event, limit: int = 40) -> Receiver:
+    return Receiver(
+        "receive-0",
+        work_queue=work_queue,
+        inflight=InFlight(limit, lambda action: None),
+        dispatch=lambda task: None,
+        output_prefix="v1/",
+        visibility=300,
+        wait_seconds=1,
+        stats=Stats(),
+        receiving_stopped=stop,
+    )
+
+
+def test_empty_receives_start_the_idle_clock_and_a_message_stops_it() -> None:
+    # GIVEN a receiver that has seen one empty receive, then one with messages, then one empty
+    stop = threading.Event()
+    receiver = receiver_for(Scripted([], stop), stop)
+
+    # WHEN its polls come back empty, then with messages
+    receiver._poll(10)  # the script is empty: an empty receive (and the stop, for later)
+    idle_after_empty = receiver.idle_for(receiver.empty_since + 7.0)  # type: ignore[operator]
+    receiver.work_queue = Scripted([3], stop)  # type: ignore[assignment]
+    receiver._poll(10)
+
+    # THEN the idle clock ran from the empty poll's start, and a message reset it
+    assert idle_after_empty == 7.0
+    assert receiver.empty_since is None
+    assert receiver.idle_for(1e9) == 0.0
+
+
+def test_a_receiver_waiting_for_room_under_the_cap_is_busy_not_idle() -> None:
+    # GIVEN a receiver that found the queue empty once, and an in-flight cap that is full
+    stop = threading.Event()
+    receiver = receiver_for(Scripted([], stop), stop, limit=1)
+    receiver.empty_since = 0.0
+    assert receiver.inflight.reserve(1, timeout=0) == 1  # another receive holds the only slot
+
+    # WHEN it runs for a while, unable to get room
+    receiver.start()
+    deadline = threading.Event()
+    deadline.wait(1.2)  # longer than one 0.5 s wait for room
+    stop.set()
+    receiver.join(timeout=5)
+
+    # THEN it counts as busy: its idle clock is not running
+    assert receiver.empty_since is None
+    assert receiver.idle_for(1e9) == 0.0
+
+
+def test_a_failed_receive_does_not_start_the_idle_clock() -> None:
+    # GIVEN a receiver whose receives fail (SQS throttling or unreachable)
+    stop = threading.Event()
+    receiver = receiver_for(Scripted([RuntimeError("unreachable")], stop), stop)
+    stop.set()  # so that the failure's backoff wait returns at once
+
+    # WHEN a receive fails
+    receiver._poll(10)
+
+    # THEN that says nothing about the queue being empty: not idle
+    assert receiver.empty_since is None
