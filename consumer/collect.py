@@ -64,6 +64,7 @@ from bottleneck_contract.features import (
     decode_key,
     decode_weights,
 )
+from bottleneck_contract.locations import InvalidS3Uri, S3Location
 from producer_lambda.cmdline import OneLineParser
 
 __all__ = [
@@ -73,7 +74,7 @@ __all__ = [
     "collect",
     "list_feature_keys",
     "main",
-    "parse_s3_uri",
+    "parse_source",
 ]
 
 PROG = "bottleneck-collect"
@@ -139,14 +140,13 @@ class Result:
 # ---------------------------------------------------------------------------- S3 reads
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` -> ``(bucket, prefix)``; anything else is a :class:`CollectError`."""
-    if not uri.startswith("s3://"):
-        raise CollectError(f"source must look like s3://bucket/prefix/, got {uri!r}")
-    bucket, _, prefix = uri[len("s3://") :].partition("/")
-    if not bucket:
-        raise CollectError(f"source has no bucket: {uri!r}")
-    return bucket, prefix
+def parse_source(uri: str) -> S3Location:
+    """The feature files' location, by the contract's rule (``s3://b/p`` is the folder ``p/``);
+    an invalid URI is a :class:`CollectError`."""
+    try:
+        return S3Location.parse(uri, "source")
+    except InvalidS3Uri as exc:
+        raise CollectError(str(exc)) from None
 
 
 def list_feature_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
@@ -276,7 +276,9 @@ def collect(
     input, the AWS error for failed requests, and ``KeyboardInterrupt``; in every case the rows
     written so far are kept for the next run.
     """
-    bucket, prefix = parse_s3_uri(source)
+    location = parse_source(source)
+    # Spelled with or without its trailing "/", the same prefix resumes the same collection.
+    source, bucket, prefix = str(location), location.bucket, location.prefix
     directory.mkdir(parents=True, exist_ok=True)
     partial = _Partial(directory)
     if restart:
@@ -502,7 +504,7 @@ def parse(argv: Sequence[str] | None) -> Options:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        parse_s3_uri(args.source)
+        parse_source(args.source)
     except CollectError as exc:
         parser.error(str(exc))
     try:

@@ -16,34 +16,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from bottleneck_contract.locations import S3Location
 from consumer.errors import ConfigError
 
 ENV_PREFIX = "BOTTLENECK_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-@dataclass(frozen=True, slots=True)
-class S3Location:
-    """An ``s3://bucket/prefix/`` location; ``prefix`` is empty or ends with ``/``."""
-
-    bucket: str
-    prefix: str
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
-
-
-def parse_s3_uri(text: str, *, as_prefix: bool) -> S3Location:
-    """Parse ``s3://bucket/key``; with ``as_prefix`` a non-empty key gains a trailing ``/``."""
-    match = re.fullmatch(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?", text.strip())
-    if not match:
-        raise ValueError(f"expected s3://bucket/prefix/, got {text!r}")
-    key = match.group(2) or ""
-    if as_prefix and key and not key.endswith("/"):
-        # `s3://feats/resnet50` means the folder, never keys glued to "resnet50photos/...".
-        key += "/"
-    return S3Location(match.group(1), key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +250,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "output",
-        lambda t: parse_s3_uri(str(t), as_prefix=True),
+        lambda t: S3Location.parse(str(t)),
         "s3://bucket/prefix/ for feature files (required)",
         "S3URI",
     ),

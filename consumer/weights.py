@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from consumer.config import parse_s3_uri
+from bottleneck_contract.locations import split_s3_uri
 from consumer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -87,18 +87,18 @@ def file_digest(path: Path) -> str:
 
 def _download_cached(uri: str, cache_dir: Path, s3: Any) -> Path:
     try:
-        location = parse_s3_uri(uri, as_prefix=False)
+        bucket, key = split_s3_uri(uri)
     except ValueError as exc:
         raise ConfigError(f"--weights: {exc}") from None
-    if not location.prefix or location.prefix.endswith("/"):
+    if not key or key.endswith("/"):
         raise ConfigError(f"--weights: {uri!r} names a folder, not a weights file")
     try:
-        head = s3.head_object(Bucket=location.bucket, Key=location.prefix)
+        head = s3.head_object(Bucket=bucket, Key=key)
     except Exception as exc:
         raise ConfigError(f"--weights: cannot read {uri}: {exc}") from None
     etag = str(head.get("ETag", "")).strip('"') or "no-etag"
     # The ETag is part of the path: a replaced object is downloaded again, never mixed up.
-    target = cache_dir / "weights" / location.bucket / etag / Path(location.prefix).name
+    target = cache_dir / "weights" / bucket / etag / Path(key).name
     if target.is_file() and target.stat().st_size == head.get("ContentLength", -1):
         log.info("weights found in cache", extra={"fields": {"uri": uri, "path": str(target)}})
         return target
@@ -107,7 +107,7 @@ def _download_cached(uri: str, cache_dir: Path, s3: Any) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
     os.close(fd)
     try:
-        s3.download_file(location.bucket, location.prefix, tmp)
+        s3.download_file(bucket, key, tmp)
         os.replace(tmp, target)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.features import FEATURE_SUFFIX
+from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef
 from producer_lambda.backoff import error_code
 from producer_lambda.enqueue import MAX_BATCH, send_batch
 from producer_lambda.filters import KeyFilter
 from producer_lambda.logs import log
-from producer_lambda.settings import S3Location
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

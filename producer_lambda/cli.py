@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda import logs
 from producer_lambda.backfill import run_backfill
@@ -39,12 +40,12 @@ from producer_lambda.settings import (
     DEFAULT_JOB_NAME_PREFIX,
     DEFAULT_MAX_JOBS,
     DEFAULT_MESSAGES_PER_JOB,
-    S3Location,
     ScalingSettings,
     SettingsError,
     bottleneck_environ,
     parse_count,
     parse_job_name_prefix,
+    parse_location,
     parse_suffixes,
 )
 
@@ -167,12 +168,12 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
         raise SettingsError("give either s3://bucket/prefix/ or --from-dead-letter URL")
     if args.error_code and not args.from_dead_letter:
         raise SettingsError("--error-code only applies with --from-dead-letter")
-    source = S3Location.parse(args.source, "source") if args.source is not None else None
+    source = parse_location(args.source, "source") if args.source is not None else None
     queue_url, _ = pick("--queue-url", "BOTTLENECK_QUEUE_URL")
     if not queue_url and not args.dry_run:
         raise SettingsError("--queue-url (or BOTTLENECK_QUEUE_URL) is required")
     output_uri, output_name = pick("--output", "BOTTLENECK_OUTPUT")
-    output = S3Location.parse(output_uri, output_name) if output_uri else None
+    output = parse_location(output_uri, output_name) if output_uri else None
     if args.skip_existing and output is None:
         raise SettingsError("--skip-existing needs --output (or BOTTLENECK_OUTPUT)")
     suffixes_text, suffixes_name = pick("--suffixes", "BOTTLENECK_SUFFIXES")

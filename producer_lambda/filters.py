@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from producer_lambda.settings import DEFAULT_SUFFIXES, S3Location
+from bottleneck_contract.locations import S3Location
+from producer_lambda.settings import DEFAULT_SUFFIXES
 
 __all__ = [
     "SKIP_EMPTY",

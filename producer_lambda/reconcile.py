@@ -53,15 +53,16 @@ from bottleneck_contract.features import (
     feature_key,
     source_key_of,
 )
+from bottleneck_contract.locations import S3Location
 from producer_lambda.backfill import Listed, in_feature_order, list_objects
 from producer_lambda.backoff import error_code
 from producer_lambda.cmdline import OneLineParser
 from producer_lambda.filters import KeyFilter
 from producer_lambda.settings import (
-    S3Location,
     SettingsError,
     bottleneck_environ,
     parse_count,
+    parse_location,
     parse_suffixes,
 )
 
@@ -414,11 +415,11 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        source = S3Location.parse(args.source, "source")
+        source = parse_location(args.source, "source")
         output_uri = args.output or environ.get("BOTTLENECK_OUTPUT", "").strip()
         if not output_uri:
             raise SettingsError("--output (or BOTTLENECK_OUTPUT) is required")
-        output = S3Location.parse(output_uri, "--output" if args.output else "BOTTLENECK_OUTPUT")
+        output = parse_location(output_uri, "--output" if args.output else "BOTTLENECK_OUTPUT")
         suffixes_text = args.suffixes or environ.get("BOTTLENECK_SUFFIXES")
         suffixes = parse_suffixes(suffixes_text, "--suffixes" if args.suffixes else "suffixes")
         concurrency = parse_count(args.concurrency, "--concurrency", 16, 1)

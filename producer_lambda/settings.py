@@ -13,18 +13,20 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from bottleneck_contract.locations import InvalidS3Uri, S3Location
+
 __all__ = [
     "DEFAULT_JOB_NAME_PREFIX",
     "DEFAULT_MAX_JOBS",
     "DEFAULT_MESSAGES_PER_JOB",
     "DEFAULT_SUFFIXES",
-    "S3Location",
     "ScalingSettings",
     "Settings",
     "SettingsError",
     "bottleneck_environ",
     "parse_count",
     "parse_job_name_prefix",
+    "parse_location",
     "parse_suffixes",
 ]
 
@@ -45,41 +47,20 @@ DEFAULT_JOB_NAME_PREFIX = "bottleneck"
 # A Batch job name is at most 128 letters, digits, '-' and '_', starting with a letter or digit;
 # the scaler appends "-YYYYmmddTHHMMSSZ-xxxxxxxx" (26 characters), so the prefix gets the rest.
 _JOB_NAME_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
-# Lenient on purpose: old us-east-1 buckets may have capitals and underscores.
-_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message is one line naming the variable or flag."""
 
 
-@dataclass(frozen=True, slots=True)
-class S3Location:
-    """A bucket and a key prefix, written ``s3://bucket/prefix/`` (the prefix may be empty)."""
-
-    bucket: str
-    prefix: str = ""
-
-    @classmethod
-    def parse(cls, uri: str, option: str) -> S3Location:
-        """Parse ``s3://bucket[/prefix]``; the prefix is kept exactly as written."""
-        if not uri.startswith("s3://"):
-            raise SettingsError(f"{option} must look like s3://bucket/prefix/, got {uri!r}")
-        bucket, _, prefix = uri[len("s3://") :].partition("/")
-        if not _BUCKET.fullmatch(bucket):
-            raise SettingsError(f"{option} has an invalid bucket name {bucket!r} in {uri!r}")
-        return cls(bucket, prefix)
-
-    def contains(self, bucket: str, key: str) -> bool:
-        """Whether ``bucket``/``key`` lies under this location."""
-        return bucket == self.bucket and key.startswith(self.prefix)
-
-    def feature_key(self, source_key: str) -> str:
-        """The feature file key for a source key: ``<prefix><source key>.npy``."""
-        return f"{self.prefix}{source_key}.npy"
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+def parse_location(uri: str, option: str) -> S3Location:
+    """Parse an ``s3://bucket/prefix/`` setting by the contract's one rule (a prefix without its
+    trailing ``/`` means the folder); an invalid one is a :class:`SettingsError` naming ``option``.
+    """
+    try:
+        return S3Location.parse(uri, option)
+    except InvalidS3Uri as exc:
+        raise SettingsError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +121,7 @@ class Settings:
                 "BOTTLENECK_OUTPUT is required (s3://bucket/prefix/ of the feature files; "
                 "events under it are ignored)"
             )
-        output = S3Location.parse(output_uri, "BOTTLENECK_OUTPUT")
+        output = parse_location(output_uri, "BOTTLENECK_OUTPUT")
         input_prefix = get("BOTTLENECK_INPUT_PREFIX")
         if input_prefix.startswith("s3://"):
             raise SettingsError(

@@ -45,11 +45,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.features import FEATURE_SUFFIX
+from bottleneck_contract.locations import S3Location
 from producer_lambda.backfill import list_objects
 from producer_lambda.backoff import call_with_backoff, error_code
 from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog
-from producer_lambda.settings import S3Location, SettingsError, bottleneck_environ, parse_count
+from producer_lambda.settings import (
+    SettingsError,
+    bottleneck_environ,
+    parse_count,
+    parse_location,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_batch import BatchClient
@@ -511,7 +517,7 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
     if not args.no_features:
         output_uri, var = pick(args.output, "BOTTLENECK_OUTPUT")
         if output_uri:
-            output = S3Location.parse(output_uri, var or "--output")
+            output = parse_location(output_uri, var or "--output")
     job_queue, _ = pick(args.job_queue, "BOTTLENECK_JOB_QUEUE")
     dead_letter_url, _ = pick(args.dead_letter_url, "BOTTLENECK_DLQ_URL")
     peek = parse_count(args.peek, "--peek", 100, 0)

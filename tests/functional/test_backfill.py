@@ -8,9 +8,9 @@ from typing import Any
 import boto3
 import pytest
 
+from bottleneck_contract.locations import S3Location
 from producer_lambda.backfill import run_backfill
 from producer_lambda.filters import KeyFilter
-from producer_lambda.settings import S3Location
 from tests.moto_batch import REGION
 
 

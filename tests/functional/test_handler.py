@@ -10,12 +10,13 @@ from typing import Any
 import boto3
 import pytest
 
+from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda import handler as handler_module
 from producer_lambda import logs
 from producer_lambda.enqueue import SEND_BACKOFF
 from producer_lambda.handler import EnqueueError, handle, lambda_handler
-from producer_lambda.settings import S3Location, ScalingSettings, Settings
+from producer_lambda.settings import ScalingSettings, Settings
 from tests.factories import (
     FakeContext,
     eventbridge_s3_event,

@@ -10,9 +10,9 @@ from urllib.parse import quote
 import boto3
 import pytest
 
+from bottleneck_contract.locations import S3Location
 from producer_lambda import reconcile
 from producer_lambda.backfill import Listed
-from producer_lambda.settings import S3Location
 
 REGION = "us-east-1"
 SOURCE = S3Location("images", "photos/")

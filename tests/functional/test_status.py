@@ -13,9 +13,9 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from bottleneck_contract.locations import S3Location
 from producer_lambda import status
 from producer_lambda.scaler import Backlog
-from producer_lambda.settings import S3Location
 
 REGION = "us-east-1"
 JOB_QUEUE = "gpu-queue"

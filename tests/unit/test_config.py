@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.config import OPTIONS, Config, S3Location
+from bottleneck_contract.locations import S3Location
+from consumer.config import OPTIONS, Config
 from consumer.errors import ConfigError
 
 QUEUE = "https://sqs.us-east-1.amazonaws.com/123456789012/work"

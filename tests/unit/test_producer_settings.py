@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from bottleneck_contract.locations import S3Location
 from producer_lambda.filters import KeyFilter
 from producer_lambda.settings import (
     DEFAULT_MAX_JOBS,
     DEFAULT_MESSAGES_PER_JOB,
     DEFAULT_SUFFIXES,
-    S3Location,
     ScalingSettings,
     Settings,
     SettingsError,
@@ -120,16 +120,13 @@ def test_from_env_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -
     assert Settings.from_env().input_prefix == "in/"
 
 
-def test_s3_location() -> None:
-    loc = S3Location.parse("s3://feats/resnet50/", "--output")
-    assert str(loc) == "s3://feats/resnet50/"
-    assert loc.feature_key("photos/cat 1.jpg") == "resnet50/photos/cat 1.jpg.npy"
-    assert loc.contains("feats", "resnet50/x.npy")
-    assert not loc.contains("feats", "other/x.npy")
-    assert not loc.contains("images", "resnet50/x.npy")
-    assert S3Location.parse("s3://bucket", "x") == S3Location("bucket", "")
-    with pytest.raises(SettingsError, match="--output"):
-        S3Location.parse("https://feats/", "--output")
+def test_output_location_follows_the_contract_rule() -> None:
+    # GIVEN the output spelled without its trailing slash WHEN read THEN it is the folder
+    settings = Settings.from_env({**BASE, "BOTTLENECK_OUTPUT": "s3://feats/resnet50"})
+    assert settings.output == S3Location("feats", "resnet50/")
+    # AND a bad one is a settings error naming the variable
+    with pytest.raises(SettingsError, match="BOTTLENECK_OUTPUT"):
+        Settings.from_env({**BASE, "BOTTLENECK_OUTPUT": "https://feats/"})
 
 
 def test_parse_helpers() -> None:
