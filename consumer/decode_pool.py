@@ -1,0 +1,304 @@
+"""Decode in child processes: a file that crashes its decoder costs one image, not the worker.
+
+Pillow and the codecs under it (libjpeg, libpng, libwebp, libtiff) are native code fed hostile
+bytes; each has had crashes. In a thread, a segfault or an abort on one file would kill the
+consumer and every image it holds; here each decode runs in one of ``workers`` child processes,
+one image at a time, so when a child dies the image it was given fails alone with the permanent
+code ``decoder-crashed``, a new child takes its place and the worker goes on.
+
+The same processes take decoding off the GIL of the process that owns the model: the parent only
+writes the encoded bytes to a pipe and copies the ``(H, W, 3)`` uint8 result out of a shared
+memory slot, no pickling of pixels, the way PyTorch's DataLoader feeds a GPU. Each child:
+
+- imports Pillow and numpy, never torch (see :mod:`consumer.pil_resize`), so it starts in a
+  fraction of a second from a fork server and its address space is small enough to cap;
+- caps that address space (``RLIMIT_AS``) at what it has after start-up plus
+  ``memory_bytes``, so a pathological image fails with ``too-large`` instead of inviting the
+  kernel's out-of-memory killer to choose the consumer;
+- ignores SIGINT and SIGTERM (the consumer decides when decoding stops) and exits when its pipe
+  closes, which is also what happens when the consumer dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import resource
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from consumer.decode import DecodeLimits
+from consumer.errors import PermanentError, TransientError, classify
+
+log = logging.getLogger(__name__)
+
+# One image may take this long in a child before the child is taken for hung and killed.
+DECODE_TIMEOUT_S = 120.0
+_OK = b"\x00"
+_FAILED = b"\x01"
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """Everything a decode child needs, picklable: the model's preprocessing and the limits."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    crop_mode: str
+    limits: DecodeLimits
+    draft: bool
+    memory_bytes: int
+    hook: str = ""  # "module:function" called with (data, consumer_pid) first: tests only
+    consumer_pid: int = 0
+
+    @property
+    def out_bytes(self) -> int:
+        _, height, width = self.input_size
+        return height * width * 3
+
+
+class DecodeProcesses:
+    """A :class:`~consumer.preprocess.Preparer` whose decodes run in crash-isolated children.
+
+    Call it from as many threads as there are children: each call takes an idle child, hands it
+    the bytes and blocks (GIL released) until the pixels or the failure come back.
+    """
+
+    def __init__(self, spec: ChildSpec, workers: int) -> None:
+        self.spec = spec
+        self.limits = spec.limits
+        self._closed = False
+        self._context = multiprocessing.get_context("forkserver")
+        # The server imports the child's modules once; every child (and every replacement after
+        # a crash) is then a cheap fork of it, never of this multi-threaded torch process.
+        self._context.set_forkserver_preload(["consumer.decode_pool"])
+        self._idle: queue.Queue[_Child] = queue.Queue()
+        self._children: list[_Child] = []
+        self._lock = threading.Lock()
+        for _ in range(workers):
+            child = self._spawn()
+            self._idle.put(child)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        if self._closed:
+            raise TransientError("stopping", "decoding stopped with the worker")
+        child = self._idle.get()
+        try:
+            return child.decode(data)
+        except _ChildDied as died:
+            if self._closed:  # killed by the shutdown, not by the image
+                raise TransientError("stopping", "decoding stopped with the worker") from None
+            log.warning(
+                "decoder process died; the image fails alone",
+                extra={"fields": {"cause": died.cause, "pid": child.pid}},
+            )
+            child = self._replace(child)
+            raise PermanentError("decoder-crashed", f"the decoder process {died.cause}") from None
+        finally:
+            self._idle.put(child)
+
+    def close(self) -> None:
+        """Stop every child (their pipes close; they exit); idempotent."""
+        self._closed = True
+        with self._lock:
+            children, self._children = self._children, []
+        for child in children:
+            child.close()
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [child.pid for child in self._children]
+
+    def _spawn(self) -> _Child:
+        child = _Child(self._context, self.spec)
+        with self._lock:
+            self._children.append(child)
+        return child
+
+    def _replace(self, dead: _Child) -> _Child:
+        dead.close()
+        with self._lock:
+            if dead in self._children:
+                self._children.remove(dead)
+        return self._spawn()
+
+
+class _ChildDied(Exception):
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _Child:
+    """One decode process, its pipe and its shared-memory output slot."""
+
+    def __init__(self, context: Any, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.shm = SharedMemory(create=True, size=spec.out_bytes)
+        self.conn, child_conn = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=serve, args=(child_conn, self.shm.name, spec), daemon=True, name="decode"
+        )
+        self.process.start()
+        child_conn.close()
+        self.pid = int(self.process.pid or 0)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        try:
+            self.conn.send_bytes(data)
+            if not self.conn.poll(DECODE_TIMEOUT_S):
+                self.process.kill()
+                raise _ChildDied(f"hung for more than {DECODE_TIMEOUT_S:.0f} s and was killed")
+            reply = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            raise _ChildDied(self._cause()) from None
+        if reply[:1] == _FAILED:
+            code, detail, permanent = pickle.loads(reply[1:])
+            raise (PermanentError if permanent else TransientError)(code, detail)
+        _, height, width = self.spec.input_size
+        pixels = np.frombuffer(self._buffer(), dtype=np.uint8, count=self.spec.out_bytes)
+        # A copy: the slot is this child's next output. (One 150 KB memcpy per image.)
+        return pixels.reshape(height, width, 3).copy()
+
+    def _buffer(self) -> memoryview:
+        buffer = self.shm.buf
+        assert buffer is not None  # None only once closed
+        return buffer
+
+    def _cause(self) -> str:
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def close(self) -> None:
+        self.conn.close()
+        self.process.join(timeout=2)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=2)
+        self.shm.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.shm.unlink()
+
+
+# --- the child side -------------------------------------------------------------------------
+
+
+def serve(conn: multiprocessing.connection.Connection, shm_name: str, spec: ChildSpec) -> None:
+    """The child's loop: bytes in, pixels into the shared slot (or a failure) out, until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    prepare = _preparer(spec)
+    hook = _hook(spec.hook)
+    # The fork server shares the consumer's resource tracker, so attaching registers nothing
+    # new and the consumer's unlink on close is the one that counts.
+    shm = SharedMemory(name=shm_name)
+    buffer = shm.buf
+    assert buffer is not None
+    out = np.frombuffer(buffer, dtype=np.uint8, count=spec.out_bytes)
+    _limit_memory(spec.memory_bytes)
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            break  # the consumer closed the pipe, or died
+        try:
+            if hook is not None:
+                hook(data, spec.consumer_pid)
+            pixels = prepare(data)
+            out[:] = pixels.reshape(-1)
+            reply = _OK
+        except MemoryError:
+            failure = PermanentError(
+                "too-large",
+                f"decoding needs more than the decoder's {spec.memory_bytes >> 20} MiB limit",
+            )
+            reply = _FAILED + pickle.dumps(_settled(failure))
+        except Exception as exc:
+            reply = _FAILED + pickle.dumps(_settled(exc))
+        try:
+            conn.send_bytes(reply)
+        except (EOFError, OSError):
+            break
+    del out, buffer
+    shm.close()
+
+
+def _settled(exc: BaseException) -> tuple[str, str, bool]:
+    failure = classify(exc)
+    return failure.error_code, failure.detail, failure.permanent
+
+
+def _preparer(spec: ChildSpec) -> Any:
+    from consumer.decode import decode_image
+    from consumer.pil_resize import plain_stages
+
+    stages = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+    if stages is None:  # an unusual transform: timm's own (this child then imports torch)
+        from consumer.preprocess import InputSpec, pil_stages
+
+        stages = pil_stages(
+            InputSpec(
+                spec.input_size,
+                spec.interpolation,
+                spec.mean,
+                spec.std,
+                spec.crop_pct,
+                spec.crop_mode,
+            )
+        )
+    _, height, width = spec.input_size
+    expected = (height, width, 3)
+    draft_size = None
+    if spec.draft:
+        scale = max(int(s / spec.crop_pct) for s in spec.input_size[1:])
+        draft_size = (scale, scale)
+
+    def prepare(data: bytes) -> np.ndarray:
+        image = stages(decode_image(data, spec.limits, draft_size=draft_size))
+        array = np.asarray(image, dtype=np.uint8)
+        if array.shape != expected:
+            raise RuntimeError(f"preprocessed image has shape {array.shape}, expected {expected}")
+        return array
+
+    return prepare
+
+
+def _hook(path: str) -> Any:
+    if not path:
+        return None
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _limit_memory(budget: int) -> None:
+    """Cap the address space at what start-up mapped plus ``budget`` bytes (0: no cap)."""
+    if budget <= 0:
+        return
+    with open("/proc/self/statm") as statm:
+        mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + budget
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))

@@ -1,0 +1,106 @@
+"""Decode processes: exactly the thread path's pixels, and a crash costs one image, not the pool."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from consumer.decode import DecodeLimits
+from consumer.decode_pool import ChildSpec, DecodeProcesses
+from consumer.errors import PermanentError
+from consumer.preprocess import ImagePreparer, InputSpec
+from tests.corpus import BAD_CASES, GOOD_CASES, photo_jpeg
+from tests.crash_hook import ABORT, SEGFAULT, mark
+
+SPEC = InputSpec((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875, "center")
+LIMITS = DecodeLimits(max_pixels=50_000_000)
+
+
+def child_spec(memory_bytes: int = 1 << 30, hook: str = "") -> ChildSpec:
+    return ChildSpec(
+        SPEC.input_size,
+        SPEC.interpolation,
+        SPEC.mean,
+        SPEC.std,
+        SPEC.crop_pct,
+        SPEC.crop_mode,
+        LIMITS,
+        draft=False,
+        memory_bytes=memory_bytes,
+        hook=hook,
+        consumer_pid=os.getpid(),
+    )
+
+
+@pytest.fixture
+def pool() -> Iterator[DecodeProcesses]:
+    processes = DecodeProcesses(child_spec(hook="tests.crash_hook:crash_on_marked"), workers=2)
+    yield processes
+    processes.close()
+
+
+def test_the_pixels_are_the_thread_paths_exactly(pool: DecodeProcesses) -> None:
+    # GIVEN the in-process preparer for the same settings
+    exact = ImagePreparer(SPEC, LIMITS)
+
+    # WHEN every accepted kind of image is decoded by the processes
+    for name, data in sorted(GOOD_CASES.items()):
+        # THEN the pixels are identical
+        assert np.array_equal(pool(data), exact(data)), name
+
+
+def test_bad_inputs_keep_their_own_error_codes(pool: DecodeProcesses) -> None:
+    for name, (data, code) in sorted(BAD_CASES.items()):
+        with pytest.raises(PermanentError) as caught:
+            pool(data)
+        assert caught.value.error_code == code, name
+
+
+@pytest.mark.parametrize("marker", [SEGFAULT, ABORT], ids=["segfault", "abort"])
+def test_a_crashing_decode_fails_that_image_alone_and_the_pool_goes_on(
+    pool: DecodeProcesses, marker: bytes
+) -> None:
+    # GIVEN 12 good images and 2 that crash the decoder, decoded from 2 threads at once
+    good = [photo_jpeg(90, 60, seed=i) for i in range(12)]
+    poison = [mark(photo_jpeg(90, 60, seed=100 + i), marker) for i in range(2)]
+    before = set(pool.pids)
+
+    def attempt(data: bytes) -> str:
+        try:
+            pool(data)
+        except PermanentError as exc:
+            return exc.error_code
+        return "ok"
+
+    # WHEN they are all decoded
+    with ThreadPoolExecutor(2) as threads:
+        outcomes = list(threads.map(attempt, [*good[:6], *poison, *good[6:]]))
+
+    # THEN each poison image fails alone with decoder-crashed, every good one decodes, the
+    # dead children were replaced, and the pool still decodes afterwards
+    assert outcomes == ["ok"] * 6 + ["decoder-crashed"] * 2 + ["ok"] * 6
+    assert len(pool.pids) == 2 and set(pool.pids) != before
+    assert pool(good[0]).shape == (64, 64, 3)
+
+
+def test_an_image_needing_more_memory_than_the_limit_is_too_large() -> None:
+    # GIVEN decode processes capped at 64 MiB over their start-up size, and a 6000x6000 JPEG
+    # (108 MB of RGB once decoded: within --max-pixels, beyond the memory cap)
+    pool = DecodeProcesses(child_spec(memory_bytes=64 << 20), workers=1)
+    try:
+        big = photo_jpeg(6000, 6000, seed=1, quality=50)
+
+        # WHEN it is decoded
+        with pytest.raises(PermanentError) as caught:
+            pool(big)
+
+        # THEN it fails as too-large instead of taking the process down, and a normal image
+        # still decodes in the same child
+        assert caught.value.error_code == "too-large"
+        assert pool(photo_jpeg(90, 60)).shape == (64, 64, 3)
+    finally:
+        pool.close()
