@@ -7,12 +7,12 @@ delivered to someone else: it is theirs now, and the work is idempotent).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from bottleneck_contract.queues import redrive_target
 from consumer import aws
 from consumer.errors import ConfigError
 from consumer.settle import DeadLetter
@@ -37,20 +37,13 @@ def is_stale(code: str) -> bool:
 
 def resolve_dead_letter_url(sqs: Any, queue_url: str) -> str:
     """The work queue's redrive target (its URL); a queue without one is a configuration error."""
-    attributes = aws.call(
-        sqs.get_queue_attributes, QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]
-    ).get("Attributes", {})
-    policy = attributes.get("RedrivePolicy")
-    if not policy:
+    url = redrive_target(sqs, queue_url, call=aws.call)
+    if url is None:
         raise ConfigError(
             "--dead-letter-url: not given and the work queue has no redrive policy; "
             "permanent failures need somewhere to go"
         )
-    arn = json.loads(policy)["deadLetterTargetArn"]
-    _, _, _, _region, account, name = arn.split(":", 5)
-    return str(
-        aws.call(sqs.get_queue_url, QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
-    )
+    return url
 
 
 class WorkQueue:

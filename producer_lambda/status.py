@@ -46,6 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.locations import S3Location
+from bottleneck_contract.queues import redrive_target
 from producer_lambda.backfill import list_objects
 from producer_lambda.backoff import call_with_backoff, error_code
 from producer_lambda.cmdline import OneLineParser, parse_validated
@@ -79,7 +80,6 @@ __all__ = [
     "parse",
     "peek_dead_letters",
     "render_text",
-    "resolve_dead_letter_url",
     "run",
     "take_sample",
     "to_json",
@@ -295,23 +295,6 @@ def _signed(value: float) -> str:
 
 
 # ---------------------------------------------------------------------------- AWS reads
-
-
-def resolve_dead_letter_url(sqs: SQSClient, queue_url: str) -> str | None:
-    """The work queue's redrive target (its URL), or ``None`` when it has no redrive policy.
-
-    The same lookup as :func:`consumer.queue.resolve_dead_letter_url`, kept here because
-    ``producer_lambda`` does not import the consumer.
-    """
-    attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]).get(
-        "Attributes", {}
-    )
-    policy = attributes.get("RedrivePolicy")
-    if not policy:
-        return None
-    arn = json.loads(policy)["deadLetterTargetArn"]
-    _, _, _, _region, account, name = arn.split(":", 5)
-    return sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
 
 
 def peek_dead_letters(
@@ -577,7 +560,7 @@ def run(
     err = stderr or sys.stderr
     in_place = options.watch is not None and not options.json and out.isatty()
     try:
-        dlq_url = options.dead_letter_url or resolve_dead_letter_url(sqs, options.queue_url)
+        dlq_url = options.dead_letter_url or redrive_target(sqs, options.queue_url)
 
         def sample(previous: Sample | None) -> Sample:
             return take_sample(
