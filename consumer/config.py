@@ -46,6 +46,9 @@ class Config:
     receivers: int = 2
     fetch_concurrency: int = 16
     decode_workers: int = 0
+    decode_isolation: str = "processes"
+    decode_memory_mb: int = 2048
+    decode_hook: str = ""
     write_concurrency: int = 16
     max_in_flight: int = 0
     visibility_timeout: int = 60
@@ -233,6 +236,13 @@ def _weights(text: Any) -> str:
     return value  # a local path; its existence is checked when the model is built
 
 
+def _hook_path(text: Any) -> str:
+    module, sep, name = str(text).partition(":")
+    if not (sep and module and name.isidentifier()):
+        raise ValueError(f"expected module:function, got {text!r}")
+    return str(text)
+
+
 def _log_level(text: Any) -> str:
     value = str(text).strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -289,7 +299,31 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("receivers", _positive_int, "concurrent SQS long-polls (default 2)", "N"),
     Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 16)", "N"),
-    Option("decode_workers", _non_negative_int, "decode threads (default: one per core)", "N"),
+    Option(
+        "decode_workers",
+        _non_negative_int,
+        "decode processes (or threads) (default: one per core)",
+        "N",
+    ),
+    Option(
+        "decode_isolation",
+        _choice("processes", "threads"),
+        "processes (default): each decode in a crash-isolated child, so a file that crashes its "
+        "decoder fails alone (decoder-crashed); threads: in this process",
+    ),
+    Option(
+        "decode_memory_mb",
+        _non_negative_int,
+        "address space a decode process may add past start-up before an image fails as "
+        "too-large (default 2048; 0: no cap)",
+        "MB",
+    ),
+    Option(
+        "decode_hook",
+        _hook_path,
+        "for tests only: module:function called with each image's bytes in the decode process",
+        "MODULE:FUNCTION",
+    ),
     Option("write_concurrency", _positive_int, "concurrent S3 PUTs (default 16)", "N"),
     Option(
         "max_in_flight",

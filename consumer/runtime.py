@@ -7,6 +7,7 @@ Building happens once, before any message is received, so that every configurati
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -79,7 +80,26 @@ def build_preparer(config: Config, backbone: Backbone) -> Preparer:
         from consumer.gpu_decode import TensorImagePreparer
 
         return TensorImagePreparer(backbone.spec, limits, backbone.device)
-    return ImagePreparer(backbone.spec, limits, draft=config.decode == "pil-draft")
+    draft = config.decode == "pil-draft"
+    if config.decode_isolation == "threads":
+        return ImagePreparer(backbone.spec, limits, draft=draft)
+    from consumer.decode_pool import ChildSpec, DecodeProcesses
+
+    spec = backbone.spec
+    child = ChildSpec(
+        spec.input_size,
+        spec.interpolation,
+        spec.mean,
+        spec.std,
+        spec.crop_pct,
+        spec.crop_mode,
+        limits,
+        draft=draft,
+        memory_bytes=config.decode_memory_mb << 20,
+        hook=config.decode_hook,
+        consumer_pid=os.getpid(),
+    )
+    return DecodeProcesses(child, workers=config.decode_threads)
 
 
 def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:

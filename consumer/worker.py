@@ -189,6 +189,9 @@ class Worker:
         self.inflight.release_unfinished()
         self.inflight.wait_empty(5.0)  # 5
         self.loader.shutdown()
+        close_decoders = getattr(self.runtime.prepare, "close", None)
+        if close_decoders is not None:
+            close_decoders()  # decode processes: their pipes close and they exit
         self.writer.shutdown(wait=False)
         self.heartbeat.stop()
         if self.spot_watch is not None:
