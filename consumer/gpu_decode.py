@@ -111,10 +111,12 @@ class GpuBatchDecoder:
     """Encoded images to the model's uint8 input on ``device``, a micro-batch at a time.
 
     ``backend`` names the JPEG decoder (``auto``: nvimgcodec where installed on CUDA, else
-    torchvision) or is a :class:`JpegDecoder`. ``host_pool`` runs the exact CPU path for the
-    images that need it while the device decodes the rest; without one they run in the calling
-    thread. :meth:`decode` may be called from several threads (the device work takes turns).
-    Raises :class:`ConfigError` if the model's interpolation has no tensor resize.
+    torchvision) or is a :class:`JpegDecoder`. ``host`` is the exact CPU path (default: an
+    :class:`~consumer.preprocess.ImagePreparer` in this process; the crash-isolated
+    :class:`~consumer.decode_pool.DecodeProcesses` fit too). ``host_pool`` runs it for the images
+    that need it while the device decodes the rest; without one they run in the calling thread.
+    :meth:`decode` may be called from several threads (the device work takes turns). Raises
+    :class:`ConfigError` if timm's transform for ``spec`` has no tensor version.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class GpuBatchDecoder:
         device: torch.device,
         backend: BackendName | JpegDecoder = "auto",
         *,
+        host: Callable[[bytes], np.ndarray] | None = None,
         host_pool: Executor | None = None,
     ) -> None:
         if spec.interpolation not in TENSOR_INTERPOLATIONS:
@@ -134,7 +137,7 @@ class GpuBatchDecoder:
         self.spec = spec
         self.limits = limits
         self.device = device
-        self.host = ImagePreparer(spec, limits)
+        self.host = host or ImagePreparer(spec, limits)
         self.host_pool = host_pool
         self.jpeg = backend if not isinstance(backend, str) else make_jpeg_decoder(backend, device)
         self.stages = tensor_stages(spec)

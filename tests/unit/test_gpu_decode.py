@@ -425,6 +425,27 @@ def test_host_pool_gives_the_same_batch() -> None:
     assert batch.failures == inline.failures and batch.failures[2].error_code == "truncated"
 
 
+def test_a_host_path_passed_in_decodes_the_host_images() -> None:
+    # GIVEN a host path (crash-isolated decode processes, say) whose decoder dies on one image
+    exact = ImagePreparer(_spec(), LIMITS)
+    crashing = GOOD_CASES["rgb.tiff"]
+
+    def host(data: bytes) -> np.ndarray:
+        if data == crashing:
+            raise PermanentError("decoder-crashed", "the decoder process died of SIGSEGV")
+        return exact(data)
+
+    decoder = GpuBatchDecoder(_spec(), LIMITS, CPU, FakeDeviceDecoder(), host=host)
+
+    # WHEN a batch holds that image, another host image and a JPEG
+    batch = decoder.decode([GOOD_CASES["rgb.png"], crashing, GOOD_CASES["rgb.jpg"]])
+
+    # THEN that image fails alone with the host path's code; the others decoded
+    assert batch.failures[1].error_code == "decoder-crashed"
+    assert batch.indices == (0, 2)
+    assert batch.routes == ("host", "host", "device")
+
+
 def test_an_empty_batch_is_an_empty_tensor() -> None:
     batch = GpuBatchDecoder(_spec(), LIMITS, CPU, FakeDeviceDecoder()).decode([])
 
