@@ -15,6 +15,7 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY bottleneck_contract ./bottleneck_contract
+COPY bottleneck_tools ./bottleneck_tools
 COPY consumer ./consumer
 COPY producer_lambda ./producer_lambda
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .

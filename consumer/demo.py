@@ -139,13 +139,13 @@ def _run(args: argparse.Namespace, endpoint: str) -> int:
     _isolate_from_real_aws(endpoint)
     import boto3
 
-    from consumer import collect, logs
+    from bottleneck_tools import collect, status
+    from bottleneck_tools import enqueue as enqueue_cli
+    from consumer import logs
     from consumer.config import Config
     from consumer.errors import ConfigError
     from consumer.runtime import build_runtime
     from consumer.worker import Worker
-    from producer_lambda import cli as enqueue_cli
-    from producer_lambda import status
 
     logs.configure("WARNING")
     s3 = boto3.client("s3")

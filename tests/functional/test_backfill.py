@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from bottleneck_contract.locations import S3Location
-from producer_lambda.backfill import run_backfill
+from bottleneck_tools.backfill import run_backfill
 from producer_lambda.filters import KeyFilter
 from tests.moto_batch import REGION
 

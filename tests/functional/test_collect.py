@@ -13,7 +13,7 @@ import boto3
 import numpy as np
 import pytest
 
-from consumer import collect
+from bottleneck_tools import collect
 
 REGION = "us-east-1"
 SOURCE = "s3://feats/resnet50/"

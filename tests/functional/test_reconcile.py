@@ -11,8 +11,8 @@ import boto3
 import pytest
 
 from bottleneck_contract.locations import S3Location
-from producer_lambda import reconcile
-from producer_lambda.backfill import Listed
+from bottleneck_tools import reconcile
+from bottleneck_tools.backfill import Listed
 
 REGION = "us-east-1"
 SOURCE = S3Location("images", "photos/")

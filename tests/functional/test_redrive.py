@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from bottleneck_contract.messages import ImageRef, encode
-from producer_lambda import cli
+from bottleneck_tools import enqueue
 
 REGION = "us-east-1"
 
@@ -40,9 +40,9 @@ def queues(aws: None) -> tuple[Any, str, str]:
 
 
 def _run(sqs: Any, *argv: str) -> tuple[int, dict[str, Any]]:
-    options = cli.parse(list(argv), {})
+    options = enqueue.parse(list(argv), {})
     out = io.StringIO()
-    code = cli.run(options, s3=None, sqs=sqs, batch=None, stdout=out)  # type: ignore[arg-type]
+    code = enqueue.run(options, s3=None, sqs=sqs, batch=None, stdout=out)  # type: ignore[arg-type]
     return code, json.loads(out.getvalue().splitlines()[-1])
 
 
@@ -104,7 +104,7 @@ def test_a_failed_send_leaves_the_letter_in_place(queues: tuple[Any, str, str]) 
 
     code, summary = _run(sqs, "--from-dead-letter", dlq, "--queue-url", work)
 
-    assert code == cli.EXIT_FAILED
+    assert code == enqueue.EXIT_FAILED
     assert summary["failed"] >= 1
     assert len(_keys(sqs, work)) + len(_keys(sqs, dlq)) == 4  # nothing lost, nothing doubled
 
@@ -119,6 +119,6 @@ def test_a_failed_send_leaves_the_letter_in_place(queues: tuple[Any, str, str]) 
 )
 def test_source_and_dead_letter_are_exclusive(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as caught:
-        cli.parse([*argv, "--queue-url", "http://q"], {})
+        enqueue.parse([*argv, "--queue-url", "http://q"], {})
 
     assert caught.value.code == 2

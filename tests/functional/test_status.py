@@ -14,7 +14,7 @@ import pytest
 from botocore.stub import Stubber
 
 from bottleneck_contract.locations import S3Location
-from producer_lambda import status
+from bottleneck_tools import status
 from producer_lambda.scaler import Backlog
 
 REGION = "us-east-1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from producer_lambda.backfill import SKIP_EXISTS, Listed, in_feature_order, without_features
+from bottleneck_tools.backfill import SKIP_EXISTS, Listed, in_feature_order, without_features
 
 
 def _listing(keys: list[str]) -> list[Listed]:

@@ -29,12 +29,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef, encode
+from bottleneck_tools.backfill import run_backfill
+from bottleneck_tools.cmdline import OneLineParser, parse_validated
+from bottleneck_tools.redrive import redrive
 from producer_lambda import logs
-from producer_lambda.backfill import run_backfill
 from producer_lambda.backoff import error_code
-from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.filters import KeyFilter
-from producer_lambda.redrive import redrive
 from producer_lambda.scaler import scale
 from producer_lambda.settings import (
     DEFAULT_JOB_NAME_PREFIX,
@@ -252,7 +252,7 @@ def run(
 
     bar: Any = None
     if options.progress and not options.dry_run:
-        from tqdm import tqdm  # the CLI's only third-party import; never on the Lambda path
+        from tqdm import tqdm  # only when a bar is drawn
 
         bar = tqdm(desc="enqueued", unit="img", file=err, disable=None, dynamic_ncols=True)
     bar_lock = threading.Lock()

@@ -26,7 +26,7 @@ Costs and side effects, so that nobody is surprised:
 * The queue counts are SQS's approximations, which lag by up to a minute: a rate over a few
   seconds is rough, and steadier with a longer ``--interval`` or ``--watch``.
 
-Standard library and boto3 only, like the rest of :mod:`producer_lambda`.
+Standard library and boto3 only.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.queues import redrive_target
-from producer_lambda.backfill import list_objects
+from bottleneck_tools.backfill import list_objects
+from bottleneck_tools.cmdline import OneLineParser, parse_validated
 from producer_lambda.backoff import call_with_backoff, error_code
-from producer_lambda.cmdline import OneLineParser, parse_validated
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog
 from producer_lambda.settings import (
     SettingsError,

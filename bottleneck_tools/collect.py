@@ -65,7 +65,7 @@ from bottleneck_contract.features import (
     decode_weights,
 )
 from bottleneck_contract.locations import InvalidS3Uri, S3Location
-from producer_lambda.cmdline import OneLineParser
+from bottleneck_tools.cmdline import OneLineParser
 
 __all__ = [
     "CollectError",

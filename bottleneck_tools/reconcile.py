@@ -16,7 +16,7 @@ Four kinds of finding:
 
 How: the image prefix and the matching part of the output prefix are listed side by side and
 merge-joined (the same sorted-stream join as ``bottleneck-enqueue --skip-existing``, see
-:mod:`producer_lambda.backfill`), so memory stays flat however many objects there are. A listing
+:mod:`bottleneck_tools.backfill`), so memory stays flat however many objects there are. A listing
 carries no user metadata, so each feature file *that has an image* costs one HeadObject, made by
 ``--concurrency`` threads (16 by default) with at most twice that many in flight; ``--no-head``
 skips them and reports ``missing`` and ``orphan`` only. Without ``--fingerprint`` the majority is
@@ -54,9 +54,9 @@ from bottleneck_contract.features import (
     source_key_of,
 )
 from bottleneck_contract.locations import S3Location
-from producer_lambda.backfill import Listed, in_feature_order, list_objects
+from bottleneck_tools.backfill import Listed, in_feature_order, list_objects
+from bottleneck_tools.cmdline import OneLineParser
 from producer_lambda.backoff import error_code
-from producer_lambda.cmdline import OneLineParser
 from producer_lambda.filters import KeyFilter
 from producer_lambda.settings import (
     SettingsError,
@@ -165,7 +165,7 @@ def merge_join(
 
     ``features`` are the output listing under ``output_prefix + <images prefix>``; objects there
     that do not end in ``.npy`` are not feature files and are passed over. Images are re-sorted
-    into ``key + ".npy"`` order with :func:`producer_lambda.backfill.in_feature_order`.
+    into ``key + ".npy"`` order with :func:`bottleneck_tools.backfill.in_feature_order`.
     """
     cut = len(output_prefix)
     feature_iter = (f for f in features if f.key.endswith(FEATURE_SUFFIX))
