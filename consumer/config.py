@@ -42,6 +42,7 @@ class Config:
     idle_exit: float = 0.0
     overwrite: bool = False
     existing_check: str = "write"
+    s3_client: str = "auto"
     decode: str = "pil"
     receivers: int = 2
     fetch_concurrency: int = 16
@@ -290,6 +291,12 @@ OPTIONS: tuple[Option, ...] = (
         "write: find existing feature files at write time (conditional put, HEAD only on a "
         "conflict; fewest requests); head: HEAD before fetching (pays when most messages are "
         "repeats)",
+    ),
+    Option(
+        "s3_client",
+        _choice("auto", "obstore", "boto3"),
+        "client for the per-image GET, HEAD and conditional PUT: obstore (native, GIL released), "
+        "boto3, or auto (obstore when installed)",
     ),
     Option(
         "decode",

@@ -66,10 +66,7 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, TransientError):
         return Failure(exc.error_code, _clip(exc.detail), permanent=False)
     if isinstance(exc, botocore.exceptions.ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-        if code in _PERMANENT_S3_CODES:
-            return Failure(_PERMANENT_S3_CODES[code], _clip(str(exc)), permanent=True)
-        return Failure(_aws_code(code), _clip(str(exc)), permanent=False)
+        return aws_failure(str(exc.response.get("Error", {}).get("Code", "Unknown")), str(exc))
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return Failure("aws-unavailable", _clip(str(exc)), permanent=False)
     if isinstance(exc, MemoryError):
@@ -77,6 +74,14 @@ def classify(exc: BaseException) -> Failure:
     # Anything unforeseen is retried: SQS's redrive bounds the cost, and a bug fixed in a new
     # image then finds the message still there rather than thrown away.
     return Failure("internal", _clip(f"{type(exc).__name__}: {exc}"), permanent=False)
+
+
+def aws_failure(code: str, detail: str) -> Failure:
+    """What an AWS error code (``NoSuchKey``, ``SlowDown``, an HTTP status) means, whichever
+    client received it: boto3 and the native S3 client settle the same answer the same way."""
+    if code in _PERMANENT_S3_CODES:
+        return Failure(_PERMANENT_S3_CODES[code], _clip(detail), permanent=True)
+    return Failure(_aws_code(code), _clip(detail), permanent=False)
 
 
 def _aws_code(code: str) -> str:

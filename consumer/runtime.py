@@ -17,6 +17,7 @@ from consumer.decode import DecodeLimits
 from consumer.errors import ConfigError
 from consumer.features import FeatureSettings
 from consumer.model import Backbone, create_model, model_label, select_device, select_precision
+from consumer.objects import ObjectClient, open_objects
 from consumer.preprocess import ImagePreparer, InputSpec, Preparer
 from consumer.sqs import WorkQueue, resolve_dead_letter_url
 from consumer.weights import resolve_weights
@@ -30,6 +31,7 @@ class Runtime:
 
     config: Config
     clients: Clients
+    objects: ObjectClient  # the hot path's GET, HEAD and conditional PUT (--s3-client)
     work_queue: WorkQueue
     backbone: Backbone
     prepare: Preparer
@@ -102,10 +104,20 @@ def build_preparer(config: Config, backbone: Backbone) -> Preparer:
     return DecodeProcesses(child, workers=config.decode_threads)
 
 
-def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
-    """Resolve queues, weights and the model; raises :class:`ConfigError` on any bad setting."""
+def build_runtime(
+    config: Config, clients: Clients | None = None, objects: ObjectClient | None = None
+) -> Runtime:
+    """Resolve queues, weights and the model; raises :class:`ConfigError` on any bad setting.
+
+    With ``clients`` passed in (moto in-process, a fault-injecting proxy), ``--s3-client auto``
+    uses their S3 client for the object calls too: the caller chose where S3 is.
+    """
     pool = config.fetch_concurrency + config.write_concurrency + config.receivers + 4
+    s3_client = config.s3_client
+    if clients is not None and s3_client == "auto":
+        s3_client = "boto3"
     clients = clients or make_clients(pool_size=pool)
+    objects = objects or open_objects(s3_client, clients.s3)
     try:
         dead_letter_url = config.dead_letter_url or resolve_dead_letter_url(
             clients.sqs, config.queue_url
@@ -127,6 +139,7 @@ def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
     runtime = Runtime(
         config=config,
         clients=clients,
+        objects=objects,
         work_queue=WorkQueue(clients.sqs, config.queue_url, dead_letter_url),
         backbone=backbone,
         prepare=build_preparer(config, backbone),
@@ -147,6 +160,7 @@ def build_runtime(config: Config, clients: Clients | None = None) -> Runtime:
                 "input": list(backbone.spec.input_size),
                 "fingerprint": runtime.fingerprint,
                 "dead_letter_url": dead_letter_url,
+                "s3_client": objects.name,
             }
         },
     )

@@ -69,7 +69,7 @@ class Worker:
         self.acker = Acker(work_queue=runtime.work_queue, inflight=self.inflight, stats=self.stats)
         self.decoded: queue.Queue[ImageTask] = queue.Queue(maxsize=2 * cfg.batch_size)
         self.writer = Writer(
-            s3=runtime.clients.s3,
+            s3=runtime.objects,
             inflight=self.inflight,
             stats=self.stats,
             halted=self.halted,
@@ -80,7 +80,7 @@ class Worker:
             concurrency=cfg.write_concurrency,
         )
         self.loader = Loader(
-            s3=runtime.clients.s3,
+            s3=runtime.objects,
             inflight=self.inflight,
             out=self.decoded,
             stats=self.stats,

@@ -11,12 +11,12 @@ import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from bottleneck_contract.features import is_current
 from consumer import storage
 from consumer.errors import classify
 from consumer.inflight import InFlight
+from consumer.objects import ObjectClient
 from consumer.preprocess import Preparer
 from consumer.stats import Stats
 from consumer.work import ImageTask
@@ -30,7 +30,7 @@ class Loader:
     def __init__(
         self,
         *,
-        s3: Any,
+        s3: ObjectClient,
         inflight: InFlight,
         out: queue.Queue[ImageTask],
         stats: Stats,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from consumer import storage
 from consumer.errors import classify
 from consumer.features import FeatureSettings, metadata, serialise
 from consumer.inflight import InFlight
+from consumer.objects import ObjectClient
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
@@ -23,7 +23,7 @@ class Writer:
     def __init__(
         self,
         *,
-        s3: Any,
+        s3: ObjectClient,
         inflight: InFlight,
         stats: Stats,
         halted: threading.Event,

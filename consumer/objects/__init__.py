@@ -1,0 +1,112 @@
+"""The hot path's object calls behind one small interface, with two implementations.
+
+The consumer makes three kinds of S3 request per image: a GET into memory, a conditional PUT
+(create-only, or ``If-Match`` on a seen ETag) with user metadata, and a HEAD that returns user
+metadata. :class:`ObjectClient` is exactly that surface; :mod:`consumer.storage` builds the
+idempotent write protocol on top of it.
+
+- :class:`consumer.objects.native.NativeObjects` (obstore, Rust ``object_store``): the request,
+  its signing, retries and body handling run in native code with the GIL released. The default
+  in production: botocore costs about a millisecond of GIL-holding CPU per request, which is a
+  large share of the per-image budget on a GPU instance.
+- :class:`consumer.objects.boto.BotoObjects` (boto3): the same calls through a boto3 client, for
+  moto in-process tests (``mock_aws`` intercepts only botocore), for object keys that obstore's
+  path rules cannot carry exactly, and as a fallback (``--s3-client boto3``).
+
+Both raise the consumer's own error family for failures that outlive their retries
+(:class:`~consumer.errors.PermanentError` with ``not-found`` and friends, or a boto3 error that
+:func:`~consumer.errors.classify` settles the same way), and :class:`ConditionFailed` when a
+conditional PUT's precondition does not hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from consumer.errors import ConfigError
+
+S3_CLIENTS = ("auto", "obstore", "boto3")
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """An object's bytes and its ETag (without quotes)."""
+
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """What a HEAD returned: the ETag (without quotes) and the user metadata."""
+
+    etag: str
+    metadata: dict[str, str]
+
+
+class ConditionFailed(Exception):
+    """A conditional PUT lost: the object exists (create-only) or is not the version named."""
+
+
+class ObjectClient(Protocol):
+    """GET into memory, HEAD with user metadata, and the conditional PUT."""
+
+    name: str
+
+    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+        """The object's bytes; over ``max_bytes`` raises ``PermanentError("too-large")`` before
+        the body is read; a missing object or bucket raises ``PermanentError("not-found")``."""
+        ...
+
+    def head(self, bucket: str, key: str) -> Existing | None:
+        """The object's ETag and user metadata, or ``None`` when there is no such object."""
+        ...
+
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str,
+        if_match: str | None = None,
+    ) -> None:
+        """Write ``body``: create-only (``If-None-Match: *``) when ``if_match`` is ``None``, else
+        only over the version whose ETag is ``if_match``; :class:`ConditionFailed` otherwise.
+        Metadata values must be ASCII (the contract percent-encodes them)."""
+        ...
+
+
+def strip_etag(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+def native_available() -> bool:
+    """Whether obstore can be imported (``auto`` picks it then)."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_objects(choice: str, s3: Any) -> ObjectClient:
+    """The implementation ``--s3-client`` names, talking to where the boto3 client ``s3`` talks.
+
+    ``auto`` is obstore when it can be imported, else boto3. The native client takes its endpoint
+    and region from ``s3`` (so ``AWS_ENDPOINT_URL(_S3)``, the config file and the region chain
+    resolve exactly as for every other AWS call) and keeps ``s3`` for the keys it cannot carry.
+    """
+    from consumer.objects.boto import BotoObjects
+
+    boto = BotoObjects(s3)
+    if choice == "boto3" or (choice == "auto" and not native_available()):
+        return boto
+    if not native_available():
+        raise ConfigError("--s3-client obstore: the obstore package is not installed")
+    from consumer.objects.native import NativeObjects
+
+    return NativeObjects.like(s3, fallback=boto)
