@@ -7,9 +7,12 @@ refuses chosen images. The ``gpu`` tests run the real backends where CUDA exists
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import types
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from consumer.gpu_decode import (
     DecodedBatch,
     DeviceJob,
     GpuBatchDecoder,
+    NvImgCodecDecoder,
     TensorImagePreparer,
     TorchvisionDecoder,
     make_jpeg_decoder,
@@ -345,6 +349,117 @@ def test_torchvision_refusals_are_found_one_by_one() -> None:
 
     # THEN only the damaged one is None
     assert [image is None for image in decoded] == [False, True, False]
+
+
+class FakeNvImgCodec(types.ModuleType):
+    """The slice of ``nvidia.nvimgcodec`` 0.9's API that the adapter uses, decoding on the CPU
+    (the names and signatures were checked against the 0.9.0.20 wheel)."""
+
+    class BackendKind:
+        HW_GPU_ONLY, GPU_ONLY, HYBRID_CPU_GPU, CPU_ONLY = "hw", "gpu", "hybrid", "cpu"
+
+    class ColorSpec:
+        SRGB = "srgb"
+
+    def __init__(
+        self, refuse: Sequence[bytes] = (), fail: bool = False, no_nvjpeg: bool = False
+    ) -> None:
+        super().__init__("nvidia.nvimgcodec")
+        self.refuse, self.fail, self.no_nvjpeg = set(refuse), fail, no_nvjpeg
+        self.created: dict[str, object] = {}
+
+    def Backend(self, kind: str) -> str:  # noqa: N802 - the library's name
+        return kind
+
+    def DecodeParams(self, **params: object) -> dict[str, object]:  # noqa: N802
+        return params
+
+    def CodeStream(self, data: bytes) -> bytes:  # noqa: N802
+        if not data.startswith(b"\xff\xd8"):
+            raise RuntimeError("Could not parse the code stream")
+        return data
+
+    def Decoder(self, **settings: object) -> FakeNvImgCodec:  # noqa: N802
+        self.created = settings
+        return self
+
+    def decode(self, streams: list[bytes], **kwargs: object) -> list[torch.Tensor | None]:
+        if self.fail:
+            raise RuntimeError("nvimgcodec: CUDA error")
+        decoded = TorchvisionDecoder(CPU)(streams)
+        return [
+            None
+            if self.no_nvjpeg or data in self.refuse or image is None
+            else image.permute(1, 2, 0).contiguous()
+            for data, image in zip(streams, decoded, strict=True)
+        ]
+
+
+@pytest.fixture
+def fake_nvimgcodec(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeNvImgCodec]:
+    def install(**kwargs: Any) -> FakeNvImgCodec:
+        codec = FakeNvImgCodec(**kwargs)
+        parent = sys.modules.get("nvidia") or types.ModuleType("nvidia")
+        monkeypatch.setitem(sys.modules, "nvidia", parent)
+        monkeypatch.setattr(parent, "nvimgcodec", codec, raising=False)
+        monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", codec)
+        monkeypatch.setattr(
+            torch.cuda, "current_stream", lambda device: types.SimpleNamespace(cuda_stream=7)
+        )
+        return codec
+
+    return install
+
+
+def test_nvimgcodec_adapter_maps_its_nones_and_errors_per_image(
+    fake_nvimgcodec: Callable[..., FakeNvImgCodec],
+) -> None:
+    # GIVEN nvimgcodec (faked on the CPU) refusing one JPEG, and bytes it cannot even parse
+    refused = GOOD_CASES["progressive.jpg"]
+    codec = fake_nvimgcodec(refuse=[refused])
+    decoder = NvImgCodecDecoder(torch.device("cuda:0"))
+
+    # WHEN a batch holds a good JPEG, the refused one and the unparsable bytes
+    decoded = decoder([GOOD_CASES["rgb.jpg"], refused, b"not a jpeg"])
+
+    # THEN the good one is its (3, H, W) pixels, the other two None; only GPU backends, no EXIF
+    # rotation by the library (the host's reading applies it), fancy upsampling as libjpeg does
+    expected = TorchvisionDecoder(CPU)([GOOD_CASES["rgb.jpg"]])[0]
+    assert decoded[0] is not None and expected is not None
+    assert torch.equal(decoded[0], expected)
+    assert decoded[1:] == [None, None]
+    assert codec.created["backends"] == ["hw", "gpu", "hybrid"]
+    assert codec.created["options"] == ":fancy_upsampling=1"
+    assert decoder._params == {"apply_exif_orientation": False, "color_spec": "srgb"}
+
+
+def test_nvimgcodec_failing_a_whole_batch_sends_it_to_the_host(
+    fake_nvimgcodec: Callable[..., FakeNvImgCodec],
+) -> None:
+    fake_nvimgcodec(fail=True)
+
+    decoded = NvImgCodecDecoder(torch.device("cuda:0"))([GOOD_CASES["rgb.jpg"]] * 2)
+
+    assert decoded == [None, None]
+
+
+def test_auto_takes_nvimgcodec_on_cuda_when_it_decodes(
+    fake_nvimgcodec: Callable[..., FakeNvImgCodec],
+) -> None:
+    fake_nvimgcodec()
+
+    assert make_jpeg_decoder("auto", torch.device("cuda:0")).name == "nvimgcodec"
+
+
+def test_nvimgcodec_without_its_nvjpeg_library_is_a_config_error(
+    fake_nvimgcodec: Callable[..., FakeNvImgCodec],
+) -> None:
+    # GIVEN nvimgcodec installed without libnvjpeg: it loads, then returns None for every image
+    fake_nvimgcodec(no_nvjpeg=True)
+
+    # WHEN it is asked for by name THEN it is refused at start-up, not image by image
+    with pytest.raises(ConfigError, match="cannot decode a JPEG"):
+        make_jpeg_decoder("nvimgcodec", torch.device("cuda:0"))
 
 
 def test_every_bad_input_fails_alone_with_its_code() -> None:
