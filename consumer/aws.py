@@ -1,35 +1,51 @@
-"""boto3 clients sized for the pipeline, and the retry policy shared by every AWS call.
+"""boto3 clients sized for the pipeline, and the one retry layer of the consumer's AWS calls.
 
 Endpoints, region and credentials come from the standard chain (``AWS_ENDPOINT_URL_S3`` and
-friends), so the same code runs against AWS, a moto server or LocalStack. botocore retries
-throttling, 5xx and connection errors itself (standard mode); :func:`call` adds a short,
-jittered tenacity layer on top for what outlives those retries and for S3's 409 conditional
-conflicts, after which the failure is settled by :func:`consumer.errors.classify`.
+friends), so the same code runs against AWS, a moto server or LocalStack. botocore's own retries
+are off on these clients: :func:`call` (and the SQS batch calls, see :mod:`consumer.sqs`) is the
+one layer that retries, with :data:`CALL_BACKOFF`; why, and what else retries where, is written
+once in :mod:`bottleneck_contract.retry`. A failure that outlives the tries is settled by
+:func:`consumer.errors.classify`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
-import tenacity
+
+from bottleneck_contract.retry import NO_BOTOCORE_RETRIES, Backoff, call_with_backoff
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Three quick tries (waits under 0.2 s, then under 0.4 s): a call that still fails releases its
+# message, and SQS's redelivery, seconds to minutes later, is the patient second chance. Short
+# enough that a visibility extension settles far inside even a short visibility timeout.
+CALL_BACKOFF = Backoff(attempts=3, base=0.2, cap=5.0)
 
 _RETRYABLE_CODES = {
     "ConditionalRequestConflict",  # 409: a concurrent conditional write on the same key
     "OperationAborted",
     "RequestTimeout",
     "RequestTimeoutException",
+    "PriorRequestNotComplete",
     "SlowDown",
     "Throttling",
     "ThrottlingException",
+    "ThrottledException",
     "RequestThrottled",
+    "RequestThrottledException",
     "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
     "InternalError",
     "InternalFailure",
     "ServiceUnavailable",
@@ -46,7 +62,7 @@ class Clients:
 def make_clients(*, pool_size: int, session: boto3.Session | None = None) -> Clients:
     """S3 and SQS clients whose connection pools match the pipeline's concurrency."""
     session = session or boto3.Session()
-    retries: Any = {"mode": "standard", "max_attempts": 4}
+    retries: Any = dict(NO_BOTOCORE_RETRIES)
     s3_config = botocore.config.Config(
         max_pool_connections=pool_size,
         retries=retries,
@@ -96,15 +112,21 @@ def is_retryable(exc: BaseException) -> bool:
     if code is None:
         return False
     status = http_status(exc) or 0
-    return code in _RETRYABLE_CODES or status >= 500 or status == 409
+    return code in _RETRYABLE_CODES or status >= 500 or status in (409, 429)
 
 
-def call(fn: Callable[..., T], *args: Any, attempts: int = 3, **kwargs: Any) -> T:
-    """Call an AWS operation; retry :func:`is_retryable` failures with capped jittered backoff."""
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_retryable),
-        wait=tenacity.wait_random_exponential(multiplier=0.1, max=5.0),
-        stop=tenacity.stop_after_attempt(attempts),
-        reraise=True,
+def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call an AWS operation; retry :func:`is_retryable` failures as :data:`CALL_BACKOFF` says."""
+    return call_with_backoff(
+        partial(fn, *args, **kwargs),
+        backoff=CALL_BACKOFF,
+        retry_if=is_retryable,
+        on_retry=_log_retry,
     )
-    return retrying(fn, *args, **kwargs)
+
+
+def _log_retry(exc: BaseException, pause: float) -> None:
+    log.debug(
+        "AWS call failed; retrying",
+        extra={"fields": {"error": error_code(exc) or type(exc).__name__, "retry_in_s": pause}},
+    )

@@ -1,8 +1,8 @@
 """The object calls through a boto3 client (moto in-process tests, odd keys, the fallback).
 
-Retries are botocore's standard mode plus :func:`consumer.aws.call`'s short layer, as for every
-other AWS call; what outlives them is a botocore error that :func:`consumer.errors.classify`
-settles.
+Retries are :func:`consumer.aws.call`'s, the one layer of every consumer AWS call (botocore's
+own are off, see :mod:`bottleneck_contract.retry`); what outlives them is a botocore error that
+:func:`consumer.errors.classify` settles.
 """
 
 from __future__ import annotations

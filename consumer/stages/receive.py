@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from bottleneck_contract.messages import MalformedMessage, parse_body
+from bottleneck_contract.retry import backoff
 from consumer.errors import Failure, classify
 from consumer.features import output_key
 from consumer.inflight import InFlight
@@ -93,7 +94,7 @@ class Receiver(threading.Thread):
             self.errors = 0
         except Exception as exc:
             self.errors += 1
-            delay = min(30.0, 0.5 * 2 ** min(self.errors, 6))
+            delay = backoff(self.errors, base=0.5, cap=30.0)
             log.warning(
                 "receive failed; backing off",
                 exc_info=exc,
