@@ -1,24 +1,32 @@
 """The SQS side: receive, delete, extend or release visibility, and dead-letter.
 
-Batch calls take up to 10 entries; entries that come back in ``Failed`` are retried when the
-failure is on SQS's side and reported when the receipt handle has gone stale (the message was
-delivered to someone else: it is theirs now, and the work is idempotent).
+Batch calls take up to 10 entries; an entry can fail while the call succeeds (it comes back in
+``Failed``). Each batch call is tried by one of two means, never both (see
+:mod:`bottleneck_contract.retry`): :meth:`WorkQueue.change_visibility` retries here, spending one
+budget on whole-call failures and on failed entries; the ``try_*`` methods make one call per 10
+entries and say what became of each (done, stale, worth another try, rejected), for the acker,
+which schedules its own retries instead of waiting. A stale receipt handle means the message
+was delivered to someone else: it is theirs now, and the work is idempotent.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from bottleneck_contract.queues import redrive_target
+from bottleneck_contract.retry import Backoff
 from consumer import aws
 from consumer.errors import ConfigError
 from consumer.settle import DeadLetter
 from consumer.work import Message
 
 log = logging.getLogger(__name__)
+
+E = TypeVar("E")
 
 BATCH = 10
 # SQS holds a received message at most 12 hours in total; we stay a little inside.
@@ -46,16 +54,37 @@ def resolve_dead_letter_url(sqs: Any, queue_url: str) -> str:
     return url
 
 
+@dataclass(frozen=True, slots=True)
+class Tried(Generic[E]):
+    """What one try of a batch call did with each entry; ``done`` ones need nothing more."""
+
+    done: list[E] = field(default_factory=list)
+    stale: list[E] = field(default_factory=list)  # the receipt handle is no longer valid
+    retry: list[E] = field(default_factory=list)  # failed in a way that may pass: try again
+    rejected: list[E] = field(default_factory=list)  # failed for good: another try cannot help
+    error: str = ""  # the last failure, for the log
+
+
 class WorkQueue:
     """The work queue and its dead-letter queue, as the pipeline uses them."""
 
-    def __init__(self, sqs: Any, queue_url: str, dead_letter_url: str) -> None:
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        dead_letter_url: str,
+        *,
+        backoff: Backoff = aws.CALL_BACKOFF,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.sqs = sqs
         self.url = queue_url
         self.dead_letter_url = dead_letter_url
+        self.backoff = backoff
+        self.sleep = sleep
 
     def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
-        """One long poll; bodies are parsed later, by the receiver."""
+        """One long poll; bodies are parsed later, by the receiver (which retries a failure)."""
         response = self.sqs.receive_message(
             QueueUrl=self.url,
             MaxNumberOfMessages=max(1, min(BATCH, max_messages)),
@@ -77,18 +106,41 @@ class WorkQueue:
             for raw in response.get("Messages", [])
         ]
 
-    def delete(self, messages: Sequence[Message]) -> list[Message]:
-        """Delete ``messages``; returns those whose handle had gone stale (not deleted by us)."""
-        return self._batch(
+    def change_visibility(self, messages: Sequence[Message], seconds: int) -> list[Message]:
+        """Set the visibility of ``messages`` to ``seconds`` from now; returns the stale ones.
+
+        Retried here within :attr:`backoff` (the heartbeat and the receivers' hand-back have no
+        retry of their own); raises when entries still fail after the last try.
+        """
+        stale: list[Message] = []
+        pending = list(messages)
+        for attempt in range(self.backoff.attempts):
+            if attempt:
+                self.sleep(self.backoff.delay(attempt - 1))
+            tried = self.try_change_visibility(pending, seconds)
+            stale += tried.stale
+            pending = tried.retry
+            if not pending:
+                return stale
+        raise RuntimeError(
+            f"change_message_visibility_batch: {len(pending)} entries still failing "
+            f"after {self.backoff.attempts} tries: {tried.error}"
+        )
+
+    def try_delete(self, messages: Sequence[Message]) -> Tried[Message]:
+        """Delete ``messages``, one try (a call per 10); the caller retries what needs it."""
+        return self._try(
             "delete_message_batch",
+            self.url,
             messages,
             lambda m, i: {"Id": str(i), "ReceiptHandle": m.receipt_handle},
         )
 
-    def change_visibility(self, messages: Sequence[Message], seconds: int) -> list[Message]:
-        """Set the visibility of ``messages`` to ``seconds`` from now; returns the stale ones."""
-        return self._batch(
+    def try_change_visibility(self, messages: Sequence[Message], seconds: int) -> Tried[Message]:
+        """Set the visibility of ``messages`` to ``seconds`` from now, one try (a call per 10)."""
+        return self._try(
             "change_message_visibility_batch",
+            self.url,
             messages,
             lambda m, i: {
                 "Id": str(i),
@@ -97,69 +149,74 @@ class WorkQueue:
             },
         )
 
-    def dead_letter(self, message: Message, letters: Sequence[DeadLetter]) -> None:
-        """Record permanent failures in the dead-letter queue; raises if any send fails."""
-        entries = []
-        for index, letter in enumerate(letters):
-            entries.append(
-                {
-                    "Id": str(index),
-                    "MessageBody": letter.body or "(empty body)",
-                    "MessageAttributes": {
-                        "error-code": _attr(letter.failure.error_code),
-                        "error-detail": _attr(letter.failure.detail or letter.failure.error_code),
-                        "source-queue": _attr(self.url),
-                        "source-message-id": _attr(message.message_id),
-                        "receive-count": {
-                            "DataType": "Number",
-                            "StringValue": str(message.receive_count),
-                        },
-                    },
-                }
-            )
-        for chunk in chunks(entries):
-            pending = list(chunk)
-            for _ in range(4):
-                response = aws.call(
-                    self.sqs.send_message_batch, QueueUrl=self.dead_letter_url, Entries=pending
-                )
-                failed_ids = {entry["Id"] for entry in response.get("Failed", [])}
-                pending = [entry for entry in pending if entry["Id"] in failed_ids]
-                if not pending:
-                    break
-                time.sleep(0.2)
-            if pending:
-                raise RuntimeError(f"dead-letter send failed for {len(pending)} entries")
+    def try_dead_letter(self, message: Message, letters: Sequence[DeadLetter]) -> Tried[DeadLetter]:
+        """Record permanent failures of ``message`` in the dead-letter queue, one try.
 
-    def _batch(self, operation: str, messages: Sequence[Message], entry: Any) -> list[Message]:
-        stale: list[Message] = []
-        for chunk in chunks(list(messages)):
-            pending = {str(i): m for i, m in enumerate(chunk)}
-            for attempt in range(5):
-                entries = [entry(m, i) for i, m in pending.items()]
-                response = aws.call(
-                    getattr(self.sqs, operation), QueueUrl=self.url, Entries=entries
+        A letter whose send failed in a way that may pass comes back in ``retry``: send only
+        those again, so that the others are not recorded twice.
+        """
+        return self._try(
+            "send_message_batch",
+            self.dead_letter_url,
+            letters,
+            lambda letter, i: {
+                "Id": str(i),
+                "MessageBody": letter.body or "(empty body)",
+                "MessageAttributes": {
+                    "error-code": _attr(letter.failure.error_code),
+                    "error-detail": _attr(letter.failure.detail or letter.failure.error_code),
+                    "source-queue": _attr(self.url),
+                    "source-message-id": _attr(message.message_id),
+                    "receive-count": {
+                        "DataType": "Number",
+                        "StringValue": str(message.receive_count),
+                    },
+                },
+            },
+        )
+
+    def _try(
+        self,
+        operation: str,
+        queue_url: str,
+        items: Sequence[E],
+        entry: Callable[[E, int], dict[str, Any]],
+    ) -> Tried[E]:
+        done: list[E] = []
+        stale: list[E] = []
+        retry: list[E] = []
+        rejected: list[E] = []
+        error = ""
+        for chunk in chunks(list(items)):
+            by_id = {str(i): item for i, item in enumerate(chunk)}
+            try:
+                response = getattr(self.sqs, operation)(
+                    QueueUrl=queue_url, Entries=[entry(item, i) for i, item in enumerate(chunk)]
                 )
-                retry: dict[str, Message] = {}
-                for failed in response.get("Failed", []):
-                    message = pending[failed["Id"]]
-                    code = str(failed.get("Code", ""))
-                    if is_stale(code):
-                        stale.append(message)
-                    elif failed.get("SenderFault") and attempt > 0:
-                        log.error(
-                            f"{operation} rejected an entry",
-                            extra={"fields": {"code": code, "message_id": message.message_id}},
-                        )
-                    else:
-                        retry[failed["Id"]] = message
-                if not retry:
-                    break
-                pending = retry
-                time.sleep(min(2.0, 0.1 * 2**attempt))
-            else:
-                raise RuntimeError(f"{operation}: {len(pending)} entries still failing")
-        return stale
+            except Exception as exc:
+                error = f"{aws.error_code(exc) or type(exc).__name__}: {exc}"
+                (retry if aws.is_retryable(exc) else rejected).extend(chunk)
+                continue
+            for ok in response.get("Successful", []):
+                if (item := by_id.pop(str(ok.get("Id")), None)) is not None:
+                    done.append(item)
+            for failed in response.get("Failed", []):
+                if (item := by_id.pop(str(failed.get("Id")), None)) is None:
+                    continue
+                code = str(failed.get("Code", ""))
+                if is_stale(code):
+                    stale.append(item)
+                    continue
+                error = f"{code}: {failed.get('Message', '')}"
+                if failed.get("SenderFault"):
+                    log.error(f"{operation} rejected an entry", extra={"fields": {"error": error}})
+                    rejected.append(item)
+                else:
+                    retry.append(item)
+            if by_id:  # neither Successful nor Failed: nothing says it was done
+                error = "entries missing from the response"
+                retry.extend(by_id.values())
+        return Tried(done, stale, retry, rejected, error)
 
 
 def _attr(value: str) -> dict[str, str]:

@@ -1,21 +1,38 @@
-"""Ack: carry out settlement actions in SQS batches of 10.
+"""Ack: carry out settlement actions in SQS batches of 10, and retry them without waiting.
 
-Dead-letter sends happen before the deletes of the same messages, so a failure is always
-recorded before its message leaves the work queue. Failed calls are retried a few times; after
-that the message is let go, and SQS redelivers it (the work is idempotent).
+Each action is a short chain of steps: a delete; a release; or a dead-letter send, then the
+delete. The send comes first and the delete only once every letter is sent, so a failure is
+always recorded before its message leaves the work queue. A step that fails in a way that may
+pass (a whole call throttled or reset, an entry that came back ``Failed`` on SQS's side) gets a
+due time, now plus :func:`bottleneck_contract.retry.backoff`, and is tried again then, one call
+per try; meanwhile every other action goes on: the acker's only thread never sleeps on a failure.
+A dead-letter send that failed for some of its letters sends only those again.
+
+When an action's tries run out (:data:`ACK_BACKOFF`), or SQS rejects a step for good, the message
+is let go: forgotten here, logged and counted (``messages_abandoned``). It stays on the work
+queue and SQS delivers it again once its visibility runs out; the work is idempotent. A receipt
+handle that has gone stale means another worker has the message now: forgotten, counted
+(``messages_stale``), nothing retried.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import queue
+import random
 import threading
 import time
-from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
 
+from bottleneck_contract.retry import Backoff, Rand
 from consumer.inflight import InFlight
-from consumer.settle import Action, Verdict
-from consumer.sqs import BATCH, WorkQueue
+from consumer.settle import Action, DeadLetter, Verdict
+from consumer.sqs import BATCH, Tried, WorkQueue
 from consumer.stats import Stats
 from consumer.work import Message
 
@@ -24,19 +41,66 @@ log = logging.getLogger(__name__)
 # How long a partial batch of deletes waits for more: full batches of 10 halve the SQS calls
 # per image, and a few hundred milliseconds later is still far inside any visibility timeout.
 _FLUSH_SECONDS = 0.3
-_ATTEMPTS = 5
+# The longest the thread waits for new actions before it looks at its due retries again.
+_POLL_SECONDS = 0.1
+# Five tries per action, the waits under 0.5, 1, 2 and 4 s: under 7.5 s in all, inside the 10 s
+# the worker gives the acker to finish on a stop. The message stays held meanwhile (the
+# heartbeat keeps it invisible), so waiting costs nothing but the wait.
+ACK_BACKOFF = Backoff(attempts=5, base=0.5, cap=8.0)
 _WAIT_FOR_REDELIVERY_S = 60
 
 
-class Acker(threading.Thread):
-    """Consumes :class:`~consumer.settle.Action` objects until stopped and drained."""
+class Step(Enum):
+    DEAD_LETTER = "dead-letter"
+    DELETE = "delete"
+    RELEASE = "release"
 
-    def __init__(self, *, work_queue: WorkQueue, inflight: InFlight, stats: Stats) -> None:
+
+@dataclass(eq=False)
+class Pending:
+    """An action on its way: the step it is at, its failed tries so far, and when it is due."""
+
+    action: Action
+    step: Step
+    letters: tuple[DeadLetter, ...] = ()  # dead letters not yet sent
+    failures: int = 0
+    due: float = 0.0
+
+    @property
+    def message(self) -> Message:
+        return self.action.message
+
+
+class Acker(threading.Thread):
+    """Consumes :class:`~consumer.settle.Action` objects until stopped and drained.
+
+    ``clock`` and ``rand`` are the monotonic clock and the jitter; tests pass fakes and drive
+    rounds with :meth:`tick`, without the thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        work_queue: WorkQueue,
+        inflight: InFlight,
+        stats: Stats,
+        backoff: Backoff = ACK_BACKOFF,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Rand = random.random,
+    ) -> None:
         super().__init__(name="ack", daemon=True)
         self.work_queue = work_queue
         self.inflight = inflight
         self.stats = stats
-        self.actions: queue.Queue[tuple[Action, int]] = queue.Queue()
+        self.backoff = backoff
+        self.clock = clock
+        self.rand = rand
+        # An action counts as a task of this queue from put() until it is finished (done, or let
+        # go), its waits for retries included: unfinished_tasks is what idle() reports.
+        self.actions: queue.Queue[Action] = queue.Queue()
+        # Actions waiting for their next try: a heap of (due, sequence, pending), this thread's.
+        self.waiting: list[tuple[float, int, Pending]] = []
+        self._sequence = itertools.count()
         # When the last message released with a short delay becomes visible again: until then
         # the queue is not really idle, and --idle-exit must not leave its retry to a cold start.
         # Longer delays (repeated failures) are left to the scaler: idling a GPU costs more.
@@ -44,94 +108,151 @@ class Acker(threading.Thread):
         self._halt = threading.Event()
 
     def put(self, action: Action) -> None:
-        self.actions.put((action, 0))
+        self.actions.put(action)
 
     def stop(self) -> None:
         self._halt.set()
 
     def idle(self) -> bool:
+        """No action queued, under way or waiting for a retry."""
         return self.actions.unfinished_tasks == 0
 
     def run(self) -> None:
-        while not (self._halt.is_set() and self.actions.unfinished_tasks == 0):
-            batch = self._gather()
-            if batch:
-                self._carry_out(batch)
-                for _ in batch:
-                    self.actions.task_done()
+        while not (self._halt.is_set() and self.idle()):
+            self._carry_out(self._gather())
 
-    def _gather(self) -> list[tuple[Action, int]]:
+    def tick(self, now: float | None = None) -> None:
+        """One round without any wait: every action queued now, and the retries due at ``now``."""
+        fresh: list[Action] = []
+        while True:
+            try:
+                fresh.append(self.actions.get_nowait())
+            except queue.Empty:
+                break
+        self._carry_out(fresh, now)
+
+    def _gather(self) -> list[Action]:
+        """New actions: a batch, or what came within the flush time; never past a due retry."""
+        now = self.clock()
+        next_due = self.waiting[0][0] if self.waiting else math.inf
         try:
-            batch = [self.actions.get(timeout=0.1)]
+            batch = [self.actions.get(timeout=max(0.0, min(_POLL_SECONDS, next_due - now)))]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + _FLUSH_SECONDS
-        while len(batch) < BATCH and time.monotonic() < deadline:
+        deadline = min(self.clock() + _FLUSH_SECONDS, max(next_due, self.clock()))
+        while len(batch) < BATCH:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
             try:
-                batch.append(self.actions.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.append(self.actions.get(timeout=remaining))
             except queue.Empty:
                 break
         return batch
 
-    def _carry_out(self, batch: list[tuple[Action, int]]) -> None:
-        deletes: list[tuple[Action, int]] = []
-        releases: dict[int, list[tuple[Action, int]]] = defaultdict(list)
-        for action, attempt in batch:
-            if action.verdict is Verdict.DROP:
-                self.stats.add("messages_dropped")
-                self.inflight.forget(action.message)
-            elif action.verdict is Verdict.RELEASE:
-                releases[action.delay].append((action, attempt))
-                if action.delay <= _WAIT_FOR_REDELIVERY_S:
-                    due = time.monotonic() + action.delay + 1.0
-                    self.redelivery_due = max(self.redelivery_due, due)
-            elif action.verdict is Verdict.DEAD_LETTER:
-                try:
-                    self.work_queue.dead_letter(action.message, action.dead_letters)
-                    self.stats.add("dead_lettered", len(action.dead_letters))
-                    deletes.append((action, attempt))
-                except Exception as exc:
-                    self._retry([(action, attempt)], "dead-letter", exc)
-            else:
-                deletes.append((action, attempt))
+    # --- one round ---------------------------------------------------------------------------
+    def _carry_out(self, fresh: Iterable[Action], now: float | None = None) -> None:
+        """Start the ``fresh`` actions and carry out every step due at ``now``, in order:
+        dead-letter sends, then deletes (those whose sends just went through included), then
+        releases. A failed step is scheduled again; nothing here waits."""
+        now = self.clock() if now is None else now
+        ready = [pending for action in fresh if (pending := self._start(action)) is not None]
+        while self.waiting and self.waiting[0][0] <= now:
+            ready.append(heapq.heappop(self.waiting)[2])
+        deletes = [p for p in ready if p.step is Step.DELETE]
+        for pending in (p for p in ready if p.step is Step.DEAD_LETTER):
+            if self._send_dead_letters(pending, now):
+                pending.step = Step.DELETE
+                deletes.append(pending)
         if deletes:
-            self._run("delete", deletes, lambda ms: self.work_queue.delete(ms))
+            self._delete_batch(deletes, now)
+        releases: dict[int, list[Pending]] = {}
+        for pending in (p for p in ready if p.step is Step.RELEASE):
+            releases.setdefault(pending.action.delay, []).append(pending)
         for delay, group in releases.items():
-            self._run(
-                "release", group, lambda ms, d=delay: self.work_queue.change_visibility(ms, d)
-            )
+            self._release_batch(group, delay, now)
 
-    def _run(self, what: str, group: list[tuple[Action, int]], call: object) -> None:
-        messages = [action.message for action, _ in group]
-        try:
-            stale = call(messages)  # type: ignore[operator]
-        except Exception as exc:
-            self._retry(group, what, exc)
-            return
-        for message in stale:
+    def _start(self, action: Action) -> Pending | None:
+        verdict = action.verdict
+        if verdict is Verdict.DROP:
+            self.stats.add("messages_dropped")
+            self._finish(action.message)
+            return None
+        if verdict is Verdict.DEAD_LETTER:
+            return Pending(action, Step.DEAD_LETTER, letters=action.dead_letters)
+        if verdict is Verdict.RELEASE:
+            return Pending(action, Step.RELEASE)
+        return Pending(action, Step.DELETE)
+
+    def _send_dead_letters(self, pending: Pending, now: float) -> bool:
+        """Send what is left of ``pending``'s letters; whether all of them are sent now."""
+        tried = self.work_queue.try_dead_letter(pending.message, pending.letters)
+        self.stats.add("dead_lettered", len(tried.done))
+        if tried.rejected:
+            self._let_go(pending, f"the dead-letter queue refused it: {tried.error}")
+            return False
+        if tried.retry:
+            pending.letters = tuple(tried.retry)
+            self._failed(pending, now, tried.error)
+            return False
+        return True
+
+    def _delete_batch(self, group: list[Pending], now: float) -> None:
+        tried = self.work_queue.try_delete([p.message for p in group])
+        self._settle(group, tried, now, done="messages_deleted")
+
+    def _release_batch(self, group: list[Pending], delay: int, now: float) -> None:
+        tried = self.work_queue.try_change_visibility([p.message for p in group], delay)
+        if tried.done and delay <= _WAIT_FOR_REDELIVERY_S:
+            self.redelivery_due = max(self.redelivery_due, now + delay + 1.0)
+        self._settle(group, tried, now, done="messages_released")
+
+    def _settle(self, group: list[Pending], tried: Tried[Message], now: float, done: str) -> None:
+        by_message = {id(p.message): p for p in group}
+        self.stats.add(done, len(tried.done))
+        for message in tried.done:
+            self._finish(message)
+        for message in tried.stale:
             log.info(
-                f"{what}: receipt handle no longer valid (redelivered elsewhere)",
+                f"{by_message[id(message)].step.value}: receipt handle no longer valid "
+                "(redelivered elsewhere)",
                 extra={"fields": {"message_id": message.message_id}},
             )
-        self.stats.add(
-            f"messages_{what}d" if what.endswith("e") else f"messages_{what}", len(messages)
+            self.stats.add("messages_stale")
+            self._finish(message)
+        for message in tried.rejected:
+            self._let_go(by_message[id(message)], f"SQS refused it: {tried.error}")
+        for message in tried.retry:
+            self._failed(by_message[id(message)], now, tried.error)
+
+    def _failed(self, pending: Pending, now: float, error: str) -> None:
+        """Schedule ``pending``'s step again after a backoff, or let it go when out of tries."""
+        pending.failures += 1
+        if pending.failures >= self.backoff.attempts:
+            self._let_go(pending, f"failed {pending.failures} times: {error}")
+            return
+        wait = self.backoff.delay(pending.failures - 1, self.rand)
+        pending.due = now + wait
+        heapq.heappush(self.waiting, (pending.due, next(self._sequence), pending))
+        log.warning(
+            f"{pending.step.value} failed; will retry",
+            extra={
+                "fields": {
+                    "message_id": pending.message.message_id,
+                    "error": error,
+                    "retry_in_s": round(wait, 3),
+                }
+            },
         )
-        for message in messages:
-            self._forget(message)
 
-    def _retry(self, group: list[tuple[Action, int]], what: str, exc: BaseException) -> None:
-        for action, attempt in group:
-            if attempt + 1 >= _ATTEMPTS:
-                log.error(
-                    f"{what} kept failing; the message is left for SQS to redeliver",
-                    exc_info=exc,
-                    extra={"fields": {"message_id": action.message.message_id}},
-                )
-                self._forget(action.message)
-            else:
-                log.warning(f"{what} failed; will retry", exc_info=exc)
-                time.sleep(min(2.0, 0.2 * 2**attempt))
-                self.actions.put((action, attempt + 1))
+    def _let_go(self, pending: Pending, why: str) -> None:
+        log.error(
+            f"{pending.step.value} {why}; the message is left for SQS to redeliver",
+            extra={"fields": {"message_id": pending.message.message_id}},
+        )
+        self.stats.add("messages_abandoned")
+        self._finish(pending.message)
 
-    def _forget(self, message: Message) -> None:
+    def _finish(self, message: Message) -> None:
         self.inflight.forget(message)
+        self.actions.task_done()
