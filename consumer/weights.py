@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bottleneck_contract.locations import split_s3_uri
+from consumer import aws
 from consumer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def _download_cached(uri: str, cache_dir: Path, s3: Any) -> Path:
     if not key or key.endswith("/"):
         raise ConfigError(f"--weights: {uri!r} names a folder, not a weights file")
     try:
-        head = s3.head_object(Bucket=bucket, Key=key)
+        # The consumer's S3 client leaves retries to aws.call (botocore's are off).
+        head = aws.call(s3.head_object, Bucket=bucket, Key=key)
     except Exception as exc:
         raise ConfigError(f"--weights: cannot read {uri}: {exc}") from None
     etag = str(head.get("ETag", "")).strip('"') or "no-etag"
@@ -107,7 +109,7 @@ def _download_cached(uri: str, cache_dir: Path, s3: Any) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
     os.close(fd)
     try:
-        s3.download_file(bucket, key, tmp)
+        aws.call(s3.download_file, bucket, key, tmp)
         os.replace(tmp, target)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
