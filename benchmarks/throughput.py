@@ -57,8 +57,10 @@ import numpy as np
 
 from benchmarks.accounting import CpuMeter, CpuReport, ModelClock, RssSampler
 from benchmarks.decode_pool import DecodePool
+from benchmarks.feed import add_feed_arguments, format_feed, measure_feed
 
-ROWS = ("model", "e2e", "compute-threads", "compute-processes", "naive")
+ROWS = ("model", "e2e", "compute-threads", "compute-processes", "naive", "feed")
+MAIN_ROWS = ROWS[:-1]
 SKIPPABLE = (*ROWS, "decode")
 LABELS = {
     "model": "model only (uint8 in memory)",
@@ -66,6 +68,7 @@ LABELS = {
     "compute-threads": "compute path, decode threads",
     "compute-processes": "compute path, decode processes",
     "naive": "naive: 1 message at a time",
+    "feed": "feed: test_vit e2e, 500x375 (moto)",
 }
 SMALL = (500, 375)
 LARGE = (2000, 1500)
@@ -109,6 +112,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--write-concurrency", type=int, default=None)
     parser.add_argument("--max-wait-ms", type=int, default=200, help="consumer --max-wait-ms")
     parser.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        metavar="ROW",
+        help=f"run only these measurements (repeatable or comma-separated): {', '.join(SKIPPABLE)}"
+        " (e.g. --rows feed)",
+    )
+    parser.add_argument(
         "--skip",
         action="append",
         default=[],
@@ -117,11 +128,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON here")
     parser.add_argument("--seed", type=int, default=0, help="image set and weights seed")
+    add_feed_arguments(parser)
     args = parser.parse_args(argv)
-    args.skip = {item.strip() for value in args.skip for item in value.split(",") if item.strip()}
-    unknown = args.skip - set(SKIPPABLE)
-    if unknown:
-        parser.error(f"--skip: unknown {sorted(unknown)}; choose from {', '.join(SKIPPABLE)}")
+    for option in ("rows", "skip"):
+        items = {item.strip() for value in getattr(args, option) for item in value.split(",")}
+        items.discard("")
+        unknown = items - set(SKIPPABLE)
+        if unknown:
+            parser.error(
+                f"--{option}: unknown {sorted(unknown)}; choose from {', '.join(SKIPPABLE)}"
+            )
+        setattr(args, option, items)
+    if args.rows:
+        args.skip |= set(SKIPPABLE) - args.rows
     if args.decode_pool == "threads":
         args.skip.add("compute-processes")
     elif args.decode_pool == "processes":
@@ -130,6 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--images: must be >= 1")
     if not 0 <= args.large_fraction <= 1:
         parser.error("--large-fraction: must be between 0 and 1")
+    if args.feed_images < 1 or args.feed_batch_size < 1:
+        parser.error("--feed-images and --feed-batch-size: must be >= 1")
     return args
 
 
@@ -509,6 +530,17 @@ def measure_decode_only(
 
 
 # --- against moto ---------------------------------------------------------------------------
+def upload(s3: Any, images: ImageSet) -> None:
+    """Every image of the set into the image bucket (eight PUTs at a time)."""
+    with ThreadPoolExecutor(8) as uploads:
+        list(
+            uploads.map(
+                lambda kv: s3.put_object(Bucket=IMAGE_BUCKET, Key=kv[0], Body=kv[1]),
+                zip(images.keys, images.data, strict=True),
+            )
+        )
+
+
 def _create_queue(sqs: Any, name: str) -> tuple[str, str]:
     dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"][
@@ -831,7 +863,8 @@ def format_details(result: dict[str, Any]) -> str:
                 f"second half {row['peak_rss_second_half_mib']} MiB (mean batch "
                 f"{row['mean_batch']}, in-flight cap {row['in_flight_limit']})"
             )
-    lines.append("targets (issue 7):")
+    if result["targets"]:
+        lines.append("targets (issue 7):")
     for target in result["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[target["met"]]
         scope = "" if target["applies"] else "  [target is for another setup; shown for reference]"
@@ -839,11 +872,56 @@ def format_details(result: dict[str, Any]) -> str:
             f"  {target['target']}: {target['value']} (target {target['threshold']}): "
             f"{verdict}{scope}"
         )
+    for row in result["rows"]:
+        if row["row"] == "feed":
+            lines.append(format_feed(row))
     return "\n".join(lines)
 
 
 # --- main -----------------------------------------------------------------------------------
+def platform_setup() -> dict[str, Any]:
+    import torch
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
 def run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
+    """Every wanted measurement: the main model's rows, then the feed row."""
+    wanted = [row for row in ROWS if row not in args.skip]
+    main_rows = [row for row in wanted if row in MAIN_ROWS]
+    setup: dict[str, Any] = {}
+    rows: dict[str, Row] = {}
+    decode_only: dict[str, Any] | None = None
+    if main_rows or "decode" not in args.skip:
+        setup, rows, decode_only = run_main(args, main_rows, out)
+    else:
+        setup = platform_setup()
+    model_ips = rows["model"].images_per_s if "model" in rows else None
+    naive_ips = rows["naive"].images_per_s if "naive" in rows else None
+    row_dicts = [row_dict(rows[key], model_ips, naive_ips) for key in ROWS if key in rows]
+    if "feed" in wanted:
+        out(f"measuring {LABELS['feed']} ...")
+        row_dicts.append(measure_feed(args, out))
+    by_key = {row["row"]: row for row in row_dicts}
+    return {
+        "setup": setup,
+        "rows": row_dicts,
+        "decode_only": decode_only,
+        "targets": evaluate_targets(by_key, setup) if "model" in setup else [],
+        "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def run_main(
+    args: argparse.Namespace, wanted: list[str], out: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Row], dict[str, Any] | None]:
+    """The rows that share ``--model``: model only, end to end, compute path, naive."""
     import boto3
     import torch
 
@@ -854,8 +932,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
     batch_size = args.batch_size or (64 if device.startswith("cuda") else 16)
     workers = args.decode_workers or max(1, os.cpu_count() or 1)
     if args.decode == "cuda":
-        args.skip.add("compute-processes")  # nvJPEG decodes on the device, not in a pool
-    wanted = [row for row in ROWS if row not in args.skip]
+        # nvJPEG decodes on the device, not in a pool
+        wanted = [row for row in wanted if row != "compute-processes"]
     out(f"generating {args.images} JPEGs ...")
     images = build_image_set(args.images, args.large_fraction, args.seed)
     needs_moto = "e2e" in wanted or "naive" in wanted
@@ -873,13 +951,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
                 s3, sqs = boto3.client("s3"), boto3.client("sqs")
                 s3.create_bucket(Bucket=IMAGE_BUCKET)
                 s3.create_bucket(Bucket=FEATURE_BUCKET)
-                with ThreadPoolExecutor(8) as uploads:
-                    list(
-                        uploads.map(
-                            lambda kv: s3.put_object(Bucket=IMAGE_BUCKET, Key=kv[0], Body=kv[1]),
-                            zip(images.keys, images.data, strict=True),
-                        )
-                    )
+                upload(s3, images)
                 queue_url, dlq_url = _create_queue(sqs, "bench-work")
             argv = consumer_argv(args, batch_size, queue_url, dlq_url or queue_url)
             config = Config.from_args(argv, {})
@@ -906,11 +978,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
                 "fetch_concurrency": config.fetch_concurrency,
                 "write_concurrency": config.write_concurrency,
                 "max_wait_ms": config.max_wait_ms,
-                "torch_threads": torch.get_num_threads(),
-                "cpu_count": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "torch": torch.__version__,
+                **platform_setup(),
             }
             out(
                 f"{args.model} ({args.weights} weights) on {backbone.device}, "
@@ -954,17 +1022,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
     finally:
         if server is not None:
             server.stop()
-    model_ips = rows["model"].images_per_s if "model" in rows else None
-    naive_ips = rows["naive"].images_per_s if "naive" in rows else None
-    row_dicts = [row_dict(rows[key], model_ips, naive_ips) for key in ROWS if key in rows]
-    by_key = {row["row"]: row for row in row_dicts}
-    return {
-        "setup": setup,
-        "rows": row_dicts,
-        "decode_only": decode_only,
-        "targets": evaluate_targets(by_key, setup),
-        "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    return setup, rows, decode_only
 
 
 def main(argv: Sequence[str] | None = None) -> int:

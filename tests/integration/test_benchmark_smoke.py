@@ -34,12 +34,14 @@ ROW_KEYS = {
 def test_benchmark_prints_its_table_and_writes_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # WHEN the benchmark runs every measurement on 12 JPEGs (3 of them 2000x1500), tiny model
+    # WHEN the benchmark runs every measurement but the feed row (tests/integration/
+    # test_bench_gpu.py runs that one) on 12 JPEGs (3 of them 2000x1500), tiny model
     report = tmp_path / "bench.json"
     code = throughput.main(
         [
             *("--model", "test_resnet", "--device", "cpu", "--images", "12"),
             *("--batch-size", "4", "--large-fraction", "0.25", "--json", str(report)),
+            *("--skip", "feed"),
         ]
     )
 
@@ -50,13 +52,13 @@ def test_benchmark_prints_its_table_and_writes_json(
     header = lines[start].split()
     assert header[:3] == ["row", "images", "seconds"]
     assert "images/s" in header and header[-3:] == ["peak", "RSS", "MiB"]
-    table = lines[start + 2 : start + 2 + len(throughput.ROWS)]
-    for line, key in zip(table, throughput.ROWS, strict=True):
+    table = lines[start + 2 : start + 2 + len(throughput.MAIN_ROWS)]
+    for line, key in zip(table, throughput.MAIN_ROWS, strict=True):
         assert line.startswith(throughput.LABELS[key])
         cells = line[len(throughput.LABELS[key]) :].split()
         assert len(cells) == len(throughput.COLUMNS) - 1
         assert cells[0] == "12"
-    assert lines[start + 2 + len(throughput.ROWS)] == ""
+    assert lines[start + 2 + len(throughput.MAIN_ROWS)] == ""
     assert any(line.startswith("targets (issue 7):") for line in lines)
 
     # AND the JSON holds the same rows with every figure
@@ -66,7 +68,7 @@ def test_benchmark_prints_its_table_and_writes_json(
     assert doc["setup"]["device"] == "cpu" and doc["setup"]["precision"] == "fp32"
     assert doc["setup"]["batch_size"] == 4 and doc["setup"]["images"] == 12
     rows = {row["row"]: row for row in doc["rows"]}
-    assert list(rows) == list(throughput.ROWS)
+    assert list(rows) == list(throughput.MAIN_ROWS)
     for row in rows.values():
         assert set(row) >= ROW_KEYS
         assert row["images"] == 12

@@ -1,0 +1,363 @@
+"""The feed row: can one consumer process feed a GPU?
+
+The consumer end to end, in this process as in production (the real
+:class:`consumer.worker.Worker` built by :func:`consumer.runtime.build_runtime`), with a model so
+small (timm's ``test_vit``, random weights) that it costs next to nothing: what is left is the
+cost of feeding a model. 500x375 JPEGs come through SQS and S3 on a moto server in a child
+process. Every message is queued before the worker starts; the window opens once ``warm-up``
+images are done (threads, pools, connections and the allocator are warm and the pipeline is
+full) and closes ``images`` images later, while ``tail`` more keep the pipeline full to the end.
+
+Over the window it reports, per image:
+
+* images/s (**wall-clock**: on a shared 2-core machine this is mostly the moto server's speed);
+* CPU ms outside the model, by stage (**CPU time**, robust to a busy machine): the process and
+  its children (decode worker processes, if the consumer has any), less the forward passes and
+  the moto server and the samplers (see :mod:`benchmarks.accounting`);
+* GIL-held ms of this process, by thread (**wall-clock** sampling, see :mod:`benchmarks.gil`);
+
+and what follows from them: images/s one process can reach (``1000 / GIL ms``), images/s the
+vCPUs of a GPU instance can feed (``vCPUs * 1000 / CPU ms``), next to what its GPU takes, and
+images per dollar at on-demand prices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.accounting import NATIVE_GROUP, ModelClock
+from benchmarks.gil import GilReport, PySpyGil, RunQueueClock, gil_sampler, on_cpu_seconds
+
+FEED_MODEL = "test_vit"
+FEED_BATCH = 64
+# The benchmark's own threads: left out of CPU and GIL figures (the main thread only polls).
+BENCH_THREADS = ("main", "bench-rss", "bench-gil-probe")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A GPU instance: vCPUs, on-demand price, its GPU's published ResNet-50 throughput."""
+
+    name: str
+    vcpus: int
+    usd_per_hour: float
+    gpu: str
+    gpu_images_per_s: float
+    gpu_compiled_images_per_s: tuple[float, float]
+
+
+# ResNet-50 at 224 px, bf16/fp16, published figures (README, "Throughput"); us-east-1 on-demand.
+INSTANCES = (
+    Instance("g6.xlarge", 4, 0.805, "L4", 2000, (3000, 4000)),
+    Instance("g6.2xlarge", 8, 0.98, "L4", 2000, (3000, 4000)),
+    Instance("g5.2xlarge", 8, 1.21, "A10G", 2000, (3000, 4000)),
+)
+
+
+def ceilings(gil_ms: float | None, cpu_ms: float) -> dict[str, Any]:
+    """Images/s one process (GIL) and each instance's vCPUs (CPU) allow, and images per dollar.
+
+    ``bound`` is the least of the three (one consumer process, the instance's CPU, its GPU
+    eager): what one consumer process per instance would do. ``bound_processes`` drops the GIL
+    (several processes share the GPU, or decode moves to worker processes).
+    """
+    process = 1000 / gil_ms if gil_ms else None
+    rows = []
+    for inst in INSTANCES:
+        cpu = inst.vcpus * 1000 / cpu_ms if cpu_ms > 0 else None
+        limits = [x for x in (process, cpu, inst.gpu_images_per_s) if x is not None]
+        bound = min(limits)
+        unbound = min(x for x in (cpu, inst.gpu_images_per_s) if x is not None)
+        rows.append(
+            {
+                "instance": inst.name,
+                "vcpus": inst.vcpus,
+                "usd_per_hour": inst.usd_per_hour,
+                "gpu": inst.gpu,
+                "gpu_images_per_s": inst.gpu_images_per_s,
+                "gpu_compiled_images_per_s": list(inst.gpu_compiled_images_per_s),
+                "cpu_ceiling_images_per_s": round(cpu, 1) if cpu else None,
+                "process_ceiling_images_per_s": round(process, 1) if process else None,
+                "bound_images_per_s": round(bound, 1),
+                "bound_by": _bound_by(bound, process, cpu, inst.gpu_images_per_s),
+                "images_per_usd": round(bound * 3600 / inst.usd_per_hour),
+                "bound_processes_images_per_s": round(unbound, 1),
+                "images_per_usd_processes": round(unbound * 3600 / inst.usd_per_hour),
+            }
+        )
+    return {"process_ceiling_images_per_s": round(process, 1) if process else None, "rows": rows}
+
+
+def _bound_by(bound: float, process: float | None, cpu: float | None, gpu: float) -> str:
+    if process is not None and bound == process:
+        return "GIL"
+    if cpu is not None and bound == cpu:
+        return "CPU"
+    return "GPU"
+
+
+def feed_argv(args: argparse.Namespace, queue: str, dlq: str, output: str) -> list[str]:
+    """The consumer's command line for the feed row: its defaults, the tiny model."""
+    argv = [
+        *("--queue-url", queue, "--dead-letter-url", dlq, "--output", output),
+        *("--model", FEED_MODEL, "--weights", "random", "--device", args.device),
+        *("--precision", args.precision, "--batch-size", str(args.feed_batch_size)),
+        *("--decode", args.decode, "--idle-exit", "0", "--metrics", "off"),
+        *("--spot-watch", "off", "--seed", str(args.seed), "--log-level", "WARNING"),
+    ]
+    for name in ("receivers", "fetch_concurrency", "write_concurrency", "decode_workers"):
+        value = getattr(args, name, None)
+        if value:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+def lower_priority(pid: int, niceness: int = 19) -> None:
+    """Renice every thread of ``pid``: the moto server stands in for AWS, which runs on other
+    machines; at normal priority it takes the cores from under the consumer's threads, GIL and
+    all, and what is measured is then the scheduler. Threads it starts later inherit this."""
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+
+
+def _settled(worker: Any) -> int:
+    s = worker.stats.summary()
+    return int(
+        s["images_written"] + s["images_replaced"] + s["images_skipped"] + s["images_failed"]
+    )
+
+
+def _start_gil(method: str, rate: int) -> tuple[Any, str]:
+    """The GIL sampler, started; ``auto`` falls back to the probe where py-spy cannot attach."""
+    sampler = gil_sampler(method, rate)
+    try:
+        sampler.start()
+    except RuntimeError as exc:
+        if method != "auto" or not isinstance(sampler, PySpyGil):
+            raise
+        probe = gil_sampler("probe")
+        probe.start()
+        return probe, f"py-spy unavailable ({exc}); probe used"
+    return sampler, ""
+
+
+def measure_feed(args: argparse.Namespace, out: Callable[[str], None]) -> dict[str, Any]:
+    """Run the feed row; returns its row (table columns plus the GIL and ceiling figures)."""
+    import boto3
+
+    from benchmarks import throughput as tp
+    from consumer.config import Config
+    from consumer.runtime import build_runtime
+
+    n = args.feed_images
+    server = tp.MotoServer()
+    if args.feed_nice_moto:
+        lower_priority(server.pid)
+    try:
+        with tp.fake_aws_environment(server.url):
+            s3, sqs = boto3.client("s3"), boto3.client("sqs")
+            s3.create_bucket(Bucket=tp.IMAGE_BUCKET)
+            s3.create_bucket(Bucket=tp.FEATURE_BUCKET)
+            queue_url, dlq_url = tp._create_queue(sqs, "bench-feed")
+            config = Config.from_args(
+                feed_argv(args, queue_url, dlq_url, f"s3://{tp.FEATURE_BUCKET}/feed/"), {}
+            )
+            warm = args.feed_warmup if args.feed_warmup is not None else config.in_flight_limit
+            total = warm + n + config.in_flight_limit
+            out(f"feed: uploading {total} JPEGs (500x375) ...")
+            images = tp.build_image_set(total, 0.0, args.seed)
+            tp.upload(s3, images)
+            runtime = build_runtime(config)
+            runtime.backbone.warm_up(config.batch_size)
+            clock = ModelClock()
+            clock.attach(runtime.backbone)
+            tp._enqueue(sqs, queue_url, images.keys)
+            return _run_window(runtime, clock, server, n, warm, total, args, out)
+    finally:
+        server.stop()
+
+
+def _run_window(
+    runtime: Any,
+    clock: ModelClock,
+    server: Any,
+    n: int,
+    warm: int,
+    total: int,
+    args: argparse.Namespace,
+    out: Callable[[str], None],
+) -> dict[str, Any]:
+    from benchmarks import throughput as tp
+    from consumer.worker import Worker
+
+    worker = Worker(runtime)
+    counter = tp.RequestCounter(runtime.clients.s3, runtime.clients.sqs)
+    thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
+    timeout = max(300.0, 2.0 * total)
+    deadline = time.monotonic() + timeout
+
+    def wait_for(count: int, what: str) -> int:
+        while time.monotonic() < deadline:
+            settled = _settled(worker)
+            if settled >= count:
+                return settled
+            if worker.stats.summary()["images_failed"]:
+                raise RuntimeError(f"feed: images failed: {worker.stats.summary()}")
+            time.sleep(0.02)
+        raise RuntimeError(f"feed: {what} not reached in {timeout:.0f} s: {worker.stats.summary()}")
+
+    thread.start()
+    try:
+        out(f"feed: warming up on {warm} images ...")
+        wait_for(warm, "warm-up")
+        gil, gil_note = _start_gil(args.gil_method, args.gil_rate)
+        exclude = [server.pid, *([gil.pid] if gil.pid else [])]
+        probe = tp.Probe(clock, exclude, children=True, overhead=BENCH_THREADS)
+        # psutil's walk over every process for the children's memory is not cheap on 2 cores.
+        probe.sampler.interval = 0.5
+        run_queue = RunQueueClock()
+        moto_before = server.cpu_seconds()
+        counter.on = True
+        run_queue.start()
+        probe.start()
+        first = _settled(worker)
+        out(f"feed: measuring {n} images ...")
+        wait_for(first + n, "the window's end")
+        last = _settled(worker)
+        seconds, report = probe.stop()
+        ran_share = run_queue.stop()
+        gil_report: GilReport = gil.stop()
+        counter.on = False
+        moto_cpu = server.cpu_seconds() - moto_before
+        wait_for(total, "the tail")
+    finally:
+        worker.request_stop("benchmark done")
+        thread.join(timeout=60)
+    images = last - first
+    row = tp.Row("feed", images, seconds, report, probe.sampler.peak)
+    result = tp.row_dict(row, None, None)
+    by_thread = dict(result["cpu_ms_per_image_by_thread"])
+    # The inference thread also launches the forward passes: what it spends outside them is the
+    # batching (collect, stack, hand-off), the model's own share is in the model column.
+    forward_s = report.model_s - report.by_group.get(NATIVE_GROUP, 0.0)
+    infer_outside = report.by_group.get("infer", 0.0) - forward_s
+    for group in ("infer", NATIVE_GROUP, *BENCH_THREADS):
+        by_thread.pop(group, None)
+    by_thread["infer (outside the forward)"] = round(row.per_image_ms(max(0.0, infer_outside)), 2)
+    gil_groups = {
+        group: round(1000 * s / images, 3)
+        for group, s in sorted(gil_report.by_group.items())
+        if group not in BENCH_THREADS and s > 0
+    }
+    gil_ms = round(1000 * gil_report.held_s(set(BENCH_THREADS)) / images, 3)
+    on_cpu = on_cpu_seconds(
+        gil_report.by_group,
+        ran_share,
+        {**report.by_group, "total": report.total_s},
+    )
+    gil_cpu_ms = round(
+        1000 * sum(s for g, s in on_cpu.items() if g not in BENCH_THREADS) / images, 3
+    )
+    cpu_ms = result["outside_model_cpu_ms_per_image"]
+    result.update(
+        {
+            "model": FEED_MODEL,
+            "device": str(runtime.backbone.device),
+            "precision": runtime.backbone.precision,
+            "batch_size": runtime.config.batch_size,
+            "decode": runtime.config.decode,
+            "warm_up_images": warm,
+            "outside_model_cpu_ms_per_image_by_stage": dict(sorted(by_thread.items())),
+            "gil_ms_per_image": gil_ms,
+            "gil_ms_per_image_by_thread": gil_groups,
+            "gil_on_cpu_ms_per_image": gil_cpu_ms,
+            "ran_share_by_thread": {g: round(v, 3) for g, v in sorted(ran_share.items())},
+            "gil_method": gil_report.method,
+            "gil_samples": gil_report.samples,
+            "gil_note": "; ".join(x for x in (gil_note, gil_report.note) if x),
+            "requests_per_image": counter.per_image(images),
+            "moto_cpu_ms_per_image": round(1000 * moto_cpu / images, 2),
+            "ceilings": ceilings(gil_cpu_ms, cpu_ms),
+            "wall_clock": ["seconds", "images_per_s", "gil_ms_per_image"],
+        }
+    )
+    return result
+
+
+def format_feed(row: dict[str, Any]) -> str:
+    """The feed row's details and its ceiling table, as printed by ``make bench``."""
+    by_stage = row["outside_model_cpu_ms_per_image_by_stage"]
+    stages = ", ".join(f"{k} {v}" for k, v in by_stage.items())
+    gil = ", ".join(f"{k} {v}" for k, v in row["gil_ms_per_image_by_thread"].items())
+    lines = [
+        f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']},"
+        f" decode {row['decode']}), {row['images']} 500x375 JPEGs after {row['warm_up_images']}"
+        " warm-up, SQS+S3 on moto",
+        f"feed: {row['images_per_s']} images/s (wall-clock); CPU outside the model "
+        f"{row['outside_model_cpu_ms_per_image']} ms/image (CPU time): {stages}",
+        f"feed: GIL held {row['gil_ms_per_image']} ms/image by this process ({row['gil_method']},"
+        f" wall-clock){': ' + gil if gil else ''}",
+        f"feed: GIL held while running on a CPU {row['gil_on_cpu_ms_per_image']} ms/image "
+        "(less the time its holders waited for a CPU, from schedstat)",
+    ]
+    if row["gil_note"]:
+        lines.append(f"feed: GIL note: {row['gil_note']}")
+    reqs = ", ".join(f"{k} {v}" for k, v in row["requests_per_image"].items())
+    moto = row["moto_cpu_ms_per_image"]
+    lines.append(f"feed: requests per image: {reqs}; moto server CPU {moto} ms/image")
+    ceiling = row["ceilings"]
+    lines.append(
+        f"feed: one process's ceiling (1000 / GIL ms on a CPU): "
+        f"{ceiling['process_ceiling_images_per_s'] or '-'} images/s"
+    )
+    header = (
+        f"{'instance':<11} {'vCPU':>4} {'$/h':>6} {'GPU':>5} {'GPU img/s':>10} "
+        f"{'CPU ceiling':>11} {'1 process':>9} {'bound':>7} {'by':>4} {'images/$':>9} "
+        f"{'img/$ no GIL':>12}"
+    )
+    lines += [header, "-" * len(header)]
+    for r in ceiling["rows"]:
+        lines.append(
+            f"{r['instance']:<11} {r['vcpus']:>4} {r['usd_per_hour']:>6.3f} {r['gpu']:>5} "
+            f"{r['gpu_images_per_s']:>10.0f} {r['cpu_ceiling_images_per_s'] or '-':>11} "
+            f"{r['process_ceiling_images_per_s'] or '-':>9} {r['bound_images_per_s']:>7} "
+            f"{r['bound_by']:>4} {r['images_per_usd']:>9} {r['images_per_usd_processes']:>12}"
+        )
+    return "\n".join(lines)
+
+
+def add_feed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The feed row's options (shared by ``benchmarks.throughput`` and ``benchmarks.gpu``)."""
+    parser.add_argument(
+        "--feed-images", type=int, default=600, help="feed row: images in the window (600)"
+    )
+    parser.add_argument(
+        "--feed-warmup",
+        type=int,
+        default=None,
+        help="feed row: images done before the window opens (default: the in-flight cap)",
+    )
+    parser.add_argument("--feed-batch-size", type=int, default=FEED_BATCH)
+    parser.add_argument(
+        "--gil-method",
+        default="auto",
+        choices=("auto", "py-spy", "probe"),
+        help="how the feed row measures the GIL (auto: py-spy when it can attach, else probe)",
+    )
+    parser.add_argument("--gil-rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument(
+        "--feed-nice-moto",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="feed row: run the moto server at the lowest CPU priority (default on)",
+    )

@@ -1,0 +1,86 @@
+"""The benchmark's arithmetic: py-spy's GIL samples, the run-queue correction, the ceilings."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import throughput
+from benchmarks.feed import INSTANCES, ceilings
+from benchmarks.gil import on_cpu_seconds, parse_raw
+
+RAW = """\
+thread (101): fetch_0;_bootstrap (threading.py:1002);get (client.py:10) 30
+thread (102): fetch_11;_bootstrap (threading.py:1002);get (client.py:12) 20
+thread (103): write_2;_bootstrap (threading.py:1002);put (client.py:20) 50
+thread (104): MainThread;<module> (bench.py:1) 5
+thread (105);<module> (x.py:1) 1
+not a py-spy line
+"""
+
+
+def test_py_spy_raw_samples_become_seconds_by_thread_group() -> None:
+    # GIVEN py-spy's --threads --format raw output sampled at 100 Hz
+    # WHEN it is parsed
+    by_group, samples = parse_raw(RAW, rate=100)
+
+    # THEN each thread pool's samples add up under its name, one sample being 1/rate seconds
+    assert samples == 106
+    assert by_group == pytest.approx({"fetch": 0.5, "write": 0.5, "main": 0.05, "unnamed": 0.01})
+
+
+def test_gil_time_on_a_cpu_discounts_run_queue_waits_and_never_exceeds_cpu() -> None:
+    # GIVEN sampled GIL seconds, the share of runnable time each group ran, and its CPU seconds
+    gil = {"fetch": 2.0, "write": 1.0, "decode": 1.0}
+    ran = {"fetch": 0.25, "write": 1.0}  # decode: no schedstat figures
+    cpu = {"fetch": 4.0, "write": 0.4, "decode": 3.0}
+
+    # WHEN the GIL time held while running is estimated
+    on_cpu = on_cpu_seconds(gil, ran, cpu)
+
+    # THEN fetch keeps a quarter, write is capped at its CPU, decode is left as sampled
+    assert on_cpu == pytest.approx({"fetch": 0.5, "write": 0.4, "decode": 1.0})
+
+
+def test_ceilings_follow_from_gil_and_cpu_per_image() -> None:
+    # GIVEN 2 ms of GIL and 4 ms of CPU outside the model per image
+    result = ceilings(gil_ms=2.0, cpu_ms=4.0)
+
+    # THEN one process tops out at 500 images/s, and each instance at vCPUs * 250 images/s
+    assert result["process_ceiling_images_per_s"] == 500.0
+    rows = {row["instance"]: row for row in result["rows"]}
+    assert set(rows) == {inst.name for inst in INSTANCES}
+    small, large = rows["g6.xlarge"], rows["g6.2xlarge"]
+    assert small["cpu_ceiling_images_per_s"] == 1000.0
+    assert (small["bound_images_per_s"], small["bound_by"]) == (500.0, "GIL")
+    assert large["cpu_ceiling_images_per_s"] == 2000.0
+    # AND images per dollar: the bound for an hour over the on-demand price
+    assert small["images_per_usd"] == round(500 * 3600 / 0.805)
+    # AND without the GIL (several processes) the g6.2xlarge's CPU and its L4 tie at 2,000
+    assert large["bound_processes_images_per_s"] == 2000.0
+    assert large["images_per_usd_processes"] == round(2000 * 3600 / 0.98)
+
+
+def test_ceilings_name_the_cpu_or_the_gpu_when_they_bind() -> None:
+    # GIVEN a cheap GIL and 3 ms of CPU per image
+    rows = {row["instance"]: row for row in ceilings(gil_ms=0.1, cpu_ms=3.0)["rows"]}
+
+    # THEN 4 vCPUs feed 1,333 images/s (the CPU binds); 8 would feed 2,667, over the L4's 2,000
+    assert rows["g6.xlarge"]["bound_by"] == "CPU"
+    assert rows["g6.xlarge"]["bound_images_per_s"] == pytest.approx(4000 / 3, abs=0.1)
+    assert rows["g6.2xlarge"]["bound_by"] == "GPU"
+    assert rows["g6.2xlarge"]["bound_images_per_s"] == 2000
+
+
+def test_rows_flag_runs_only_the_rows_named() -> None:
+    # WHEN only the feed row is asked for
+    args = throughput.parse_args(["--rows", "feed"])
+
+    # THEN every other measurement, decode alone included, is skipped
+    assert set(throughput.SKIPPABLE) - args.skip == {"feed"}
+
+
+def test_rows_flag_rejects_an_unknown_row(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.parse_args(["--rows", "feed,nope"])
+    assert exit_info.value.code == 2
+    assert "--rows: unknown ['nope']" in capsys.readouterr().err
