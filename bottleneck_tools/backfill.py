@@ -36,11 +36,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.locations import S3Location
+from bottleneck_contract.logs import log
 from bottleneck_contract.messages import ImageRef
 from producer_lambda.backoff import error_code
 from producer_lambda.enqueue import MAX_BATCH, send_batch
 from producer_lambda.filters import KeyFilter
-from producer_lambda.logs import log
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 SKIP_EXISTS = "feature-exists"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,7 @@ def run_backfill(
                         )
             for failure in outcome.failed:
                 log(
+                    _log,
                     logging.WARNING,
                     "send-failed",
                     bucket=failure.ref.bucket,
@@ -274,5 +277,5 @@ def _finish(executor: ThreadPoolExecutor, result: BackfillResult) -> None:
 
 
 def _listing_error(exc: BaseException) -> str:
-    log(logging.ERROR, "listing-failed", error=str(exc))
+    log(_log, logging.ERROR, "listing-failed", error=str(exc))
     return f"listing failed: {error_code(exc)}: {exc}"

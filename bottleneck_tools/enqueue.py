@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract import logs
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef, encode
 from bottleneck_tools.backfill import run_backfill
 from bottleneck_tools.cmdline import OneLineParser, parse_validated
 from bottleneck_tools.redrive import redrive
-from producer_lambda import logs
 from producer_lambda.backoff import error_code
 from producer_lambda.filters import KeyFilter
 from producer_lambda.scaler import scale

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
 
-from consumer import logs
+from bottleneck_contract import logs
 from consumer.config import Config
 from consumer.errors import ConfigError
 

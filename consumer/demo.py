@@ -139,9 +139,9 @@ def _run(args: argparse.Namespace, endpoint: str) -> int:
     _isolate_from_real_aws(endpoint)
     import boto3
 
+    from bottleneck_contract import logs
     from bottleneck_tools import collect, status
     from bottleneck_tools import enqueue as enqueue_cli
-    from consumer import logs
     from consumer.config import Config
     from consumer.errors import ConfigError
     from consumer.runtime import build_runtime

@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from bottleneck_contract.logs import configure_logger, log
 from bottleneck_contract.messages import ImageRef, MalformedMessage, Skip, parse_notification
-from producer_lambda import logs
 from producer_lambda.enqueue import send_all
 from producer_lambda.filters import KeyFilter
 from producer_lambda.scaler import ScaleResult, scale
@@ -37,9 +37,12 @@ if TYPE_CHECKING:
     from mypy_boto3_batch import BatchClient
     from mypy_boto3_sqs import SQSClient
 
-__all__ = ["EnqueueError", "handle", "is_scheduled", "lambda_handler", "select"]
+__all__ = ["LOGGER_NAME", "EnqueueError", "handle", "is_scheduled", "lambda_handler", "select"]
 
 SKIP_MALFORMED = "malformed"
+# Every module of the package logs under it: the one logger the Lambda configures.
+LOGGER_NAME = "producer_lambda"
+_log = logging.getLogger(__name__)
 
 
 class EnqueueError(RuntimeError):
@@ -48,7 +51,7 @@ class EnqueueError(RuntimeError):
 
 def lambda_handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """AWS Lambda entry point: settings from the environment, clients made once per container."""
-    logs.configure()
+    configure_logger(LOGGER_NAME)
     settings = _settings()
     request_id = getattr(context, "aws_request_id", None)
     return handle(
@@ -84,7 +87,8 @@ def handle(
     refs, skipped = select(event, key_filter)
     outcome = send_all(sqs, settings.queue_url, refs, sleep=sleep)
     for failure in outcome.failed:
-        logs.log(
+        log(
+            _log,
             logging.ERROR,
             "send-failed",
             bucket=failure.ref.bucket,
@@ -118,12 +122,12 @@ def select(event: Mapping[str, Any], key_filter: KeyFilter) -> tuple[list[ImageR
     for item in _items(event):
         if isinstance(item, Skip):
             skipped[item.reason] += 1
-            logs.log(logging.INFO, "skipped", reason=item.reason, key=item.key)
+            log(_log, logging.INFO, "skipped", reason=item.reason, key=item.key)
             continue
         reason = key_filter.reason(item.bucket, item.key, item.size)
         if reason is not None:
             skipped[reason] += 1
-            logs.log(logging.INFO, "skipped", reason=reason, bucket=item.bucket, key=item.key)
+            log(_log, logging.INFO, "skipped", reason=reason, bucket=item.bucket, key=item.key)
             continue
         refs[item] = None
     return list(refs), skipped
@@ -142,7 +146,7 @@ def _items(event: Mapping[str, Any]) -> Iterator[ImageRef | Skip]:
         except MalformedMessage as exc:
             record = doc.get("Records", [None])[0] if "Records" in doc else None
             message_id = record.get("messageId") if isinstance(record, Mapping) else None
-            logs.log(logging.ERROR, "malformed-record", error=str(exc), message_id=message_id)
+            log(_log, logging.ERROR, "malformed-record", error=str(exc), message_id=message_id)
             yield Skip(SKIP_MALFORMED)
             continue
         yield from items
@@ -157,12 +161,12 @@ def _scale(
     raise_errors: bool,
 ) -> ScaleResult | None:
     if settings.scaling is None or batch is None:
-        logs.log(logging.INFO, "scaling-disabled")
+        log(_log, logging.INFO, "scaling-disabled")
         return None
     try:
         return scale(sqs, batch, settings.queue_url, settings.scaling, sleep=sleep)
     except Exception as exc:
-        logs.log(logging.ERROR, "scale-failed", error=f"{type(exc).__name__}: {exc}")
+        log(_log, logging.ERROR, "scale-failed", error=f"{type(exc).__name__}: {exc}")
         if raise_errors:
             raise
         return None
@@ -184,7 +188,8 @@ def _summary(
         "jobs_submitted": len(result.submitted) if result else 0,
         "jobs_cancelled": len(result.cancelled) if result else 0,
     }
-    logs.log(
+    log(
+        _log,
         logging.ERROR if failed else logging.INFO,
         "invocation",
         request_id=request_id,
@@ -200,7 +205,7 @@ def _settings() -> Settings:
     try:
         return Settings.from_env()
     except ValueError as exc:
-        logs.log(logging.ERROR, "bad-settings", error=str(exc))
+        log(_log, logging.ERROR, "bad-settings", error=str(exc))
         raise
 
 

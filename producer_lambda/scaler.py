@@ -55,14 +55,16 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from bottleneck_contract.logs import log
 from producer_lambda.backoff import Backoff, call_with_backoff, error_code
-from producer_lambda.logs import log
 from producer_lambda.settings import ScalingSettings
 
 if TYPE_CHECKING:
     from mypy_boto3_batch import BatchClient
     from mypy_boto3_batch.literals import JobStatusType
     from mypy_boto3_sqs import SQSClient
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "ACTIVE_STATES",
@@ -310,7 +312,7 @@ def scale(
             created_at=int(now().timestamp() * 1000),
         )
         submitted.append(job)
-        log(logging.INFO, "job-submitted", job_id=job.job_id, job_name=name)
+        log(_log, logging.INFO, "job-submitted", job_id=job.job_id, job_name=name)
 
     current = jobs
     if submitted:
@@ -336,7 +338,7 @@ def scale(
         cancelled=tuple(cancelled),
         active_after=len(current) - len(cancelled),
     )
-    log(logging.INFO, "scaled", job_queue=scaling.job_queue, **result.summary())
+    log(_log, logging.INFO, "scaled", job_queue=scaling.job_queue, **result.summary())
     return result
 
 
@@ -396,12 +398,14 @@ def _cancel(
                 on_retry=_on_throttle,
             )
         except (ClientError, BotoCoreError) as exc:
-            log(logging.WARNING, "cancel-failed", job_id=job.job_id, error=error_code(exc))
+            log(_log, logging.WARNING, "cancel-failed", job_id=job.job_id, error=error_code(exc))
             continue
         cancelled.append(job.job_id)
-        log(logging.INFO, "job-cancelled", job_id=job.job_id, job_name=job.name, reason=reason)
+        log(
+            _log, logging.INFO, "job-cancelled", job_id=job.job_id, job_name=job.name, reason=reason
+        )
     return cancelled
 
 
 def _on_throttle(exc: BaseException, pause: float) -> None:
-    log(logging.WARNING, "throttled", error=error_code(exc), retry_in_s=round(pause, 3))
+    log(_log, logging.WARNING, "throttled", error=error_code(exc), retry_in_s=round(pause, 3))

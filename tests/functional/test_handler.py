@@ -10,12 +10,12 @@ from typing import Any
 import boto3
 import pytest
 
+from bottleneck_contract import logs
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef, encode
 from producer_lambda import handler as handler_module
-from producer_lambda import logs
 from producer_lambda.enqueue import SEND_BACKOFF
-from producer_lambda.handler import EnqueueError, handle, lambda_handler
+from producer_lambda.handler import LOGGER_NAME, EnqueueError, handle, lambda_handler
 from producer_lambda.settings import ScalingSettings, Settings
 from tests.factories import (
     FakeContext,
@@ -63,9 +63,9 @@ def enqueue_only(queue_url: str) -> Settings:
 
 @pytest.fixture(autouse=True)
 def _restore_logger() -> Iterator[None]:
-    # logs.configure() (which lambda_handler calls) stops the producer logger propagating; put it
-    # back so that tests elsewhere that read it through caplog still see its records.
-    logger = logging.getLogger(logs.LOGGER_NAME)
+    # logs.configure_logger() (which lambda_handler calls) stops the producer logger propagating;
+    # put it back so that tests elsewhere that read it through caplog still see its records.
+    logger = logging.getLogger(LOGGER_NAME)
     saved = (list(logger.handlers), logger.propagate, logger.level)
     yield
     logger.handlers[:], logger.propagate, logger.level = saved
@@ -74,7 +74,7 @@ def _restore_logger() -> Iterator[None]:
 @pytest.fixture
 def log_lines(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[dict[str, Any]]]:
     """A function returning the JSON log lines written so far."""
-    logs.configure()
+    logs.configure_logger(LOGGER_NAME)
 
     def read() -> list[dict[str, Any]]:
         return [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
@@ -210,7 +210,7 @@ def test_a_malformed_record_costs_only_itself(
     summary = handle(event, enqueue_only, sqs=sqs, batch=None)
     assert [b["key"] for b in drain(sqs, queue_url)] == ["uploads/ok.jpg"]
     assert summary["skipped"] == {"malformed": 2}
-    malformed = [line for line in log_lines() if line["event"] == "malformed-record"]
+    malformed = [line for line in log_lines() if line["message"] == "malformed-record"]
     assert len(malformed) == 2
     assert malformed[0]["message_id"].startswith("00000000")
 
@@ -246,7 +246,7 @@ def test_scaler_errors_are_raised_on_schedule_and_logged_after_an_upload(
     # WHEN an upload arrives THEN its message is still sent, and the scaler error only logged
     summary = handle(s3_event(s3_put_record(IMAGES, "b.jpg")), broken, sqs=sqs, batch=batch)
     assert (summary["enqueued"], summary["jobs_submitted"]) == (1, 0)
-    assert sum(1 for line in log_lines() if line["event"] == "scale-failed") == 2
+    assert sum(1 for line in log_lines() if line["message"] == "scale-failed") == 2
 
 
 def test_without_scaling_settings_nothing_is_submitted(
@@ -346,7 +346,9 @@ def test_partial_batch_failure_is_retried_then_reported_and_raised(
     assert flaky.calls[1] == ["uploads/always.jpg", "uploads/once.jpg"]
     assert flaky.calls[2:] == [["uploads/always.jpg"]] * (SEND_BACKOFF.attempts - 2)
     # and only what still failed is reported, one log line each, and raised (so S3 retries)
-    reported = {line["key"]: line["code"] for line in log_lines() if line["event"] == "send-failed"}
+    reported = {
+        line["key"]: line["code"] for line in log_lines() if line["message"] == "send-failed"
+    }
     assert reported == {
         "uploads/always.jpg": "InternalError",
         "uploads/rejected.jpg": "InvalidParameterValue",
