@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +14,7 @@ from consumer.config import Config
 from consumer.runtime import Runtime, build_runtime
 from consumer.stats import Stats
 from consumer.worker import Worker
+from tests.fakes import create_work_queue
 
 REGION = "us-east-1"
 
@@ -73,19 +73,9 @@ class Stack:
 def make_stack(s3: Any, sqs: Any, *, max_receive_count: int = 3) -> Stack:
     s3.create_bucket(Bucket="images")
     s3.create_bucket(Bucket="feats")
-    dlq_url = sqs.create_queue(QueueName="work-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    queue_url = sqs.create_queue(
-        QueueName="work",
-        Attributes={
-            "VisibilityTimeout": "30",
-            "RedrivePolicy": json.dumps(
-                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
-            ),
-        },
-    )["QueueUrl"]
+    queue_url, dlq_url = create_work_queue(
+        sqs, max_receive_count=max_receive_count, attributes={"VisibilityTimeout": "30"}
+    )
     return Stack(s3, sqs, queue_url, dlq_url)
 
 

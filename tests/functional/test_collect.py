@@ -7,13 +7,13 @@ import io
 import json
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import boto3
 import numpy as np
 import pytest
 
 from bottleneck_tools import collect
+from tests import fakes
 
 REGION = "us-east-1"
 SOURCE = "s3://feats/resnet50/"
@@ -30,30 +30,16 @@ KEYS = [
 ]
 
 
-def npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 def put_feature(
     s3: Any, source_key: str, array: np.ndarray, fingerprint: str = FP_A, prefix: str = "resnet50/"
 ) -> None:
-    s3.put_object(
-        Bucket="feats",
-        Key=f"{prefix}{source_key}.npy",
-        Body=npy(array),
-        Metadata={
-            "source-bucket": "images",
-            "source-key": quote(source_key, safe="/-_.~!*'()"),
-            "source-etag": f"etag-{len(source_key)}",
-            "model": "resnet50",
-            "weights": quote("s3://models/r50.safetensors", safe="/-_.~!*'():="),
-            "pool": "avg",
-            "shape": "x".join(str(d) for d in array.shape),
-            "dtype": array.dtype.name,
-            "fingerprint": fingerprint,
-        },
+    fakes.put_feature(
+        s3,
+        prefix,
+        source_key,
+        etag=f"etag-{len(source_key)}",
+        fingerprint=fingerprint,
+        array=array,
     )
 
 

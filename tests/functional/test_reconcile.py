@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 from typing import Any
-from urllib.parse import quote
 
 import boto3
 import pytest
@@ -13,30 +12,13 @@ import pytest
 from bottleneck_contract.locations import S3Location
 from bottleneck_tools import reconcile
 from bottleneck_tools.backfill import Listed
+from tests.fakes import put_feature, put_image
 
 REGION = "us-east-1"
 SOURCE = S3Location("images", "photos/")
 OUTPUT = S3Location("feats", "resnet50/")
 FP_A = "a" * 16
 FP_B = "b" * 16
-
-
-def put_image(s3: Any, key: str, body: bytes = b"jpeg bytes") -> str:
-    return str(s3.put_object(Bucket="images", Key=key, Body=body)["ETag"]).strip('"')
-
-
-def put_feature(s3: Any, key: str, etag: str, fingerprint: str, bucket: str = "feats") -> None:
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=b"npy",
-        Metadata={
-            "source-bucket": "images",
-            "source-key": quote(key),
-            "source-etag": etag,
-            "fingerprint": fingerprint,
-        },
-    )
 
 
 @pytest.fixture
@@ -49,19 +31,21 @@ def s3(aws: None) -> Any:
     # ".npy" is appended: the join must still pair them.
     for name in ["ok.jpg", "a.jpg", "a.jpg (1).jpg", "ünï cödé.jpg"]:
         etag = put_image(client, f"photos/{name}")
-        put_feature(client, f"resnet50/photos/{name}.npy", etag, FP_A)
+        put_feature(client, "resnet50/", f"photos/{name}", etag=etag, fingerprint=FP_A)
     put_image(client, "photos/new.jpg")  # missing
     put_image(client, "photos/notes.txt")  # not an image: never missing
     put_image(client, "photos/empty.jpg", b"")  # empty: never missing
     put_image(client, "elsewhere/x.jpg")  # outside the source prefix
     old = put_image(client, "photos/changed.jpg", b"first upload")
     put_image(client, "photos/changed.jpg", b"second upload")  # re-uploaded: stale-etag
-    put_feature(client, "resnet50/photos/changed.jpg.npy", old, FP_A)
+    put_feature(client, "resnet50/", "photos/changed.jpg", etag=old, fingerprint=FP_A)
     etag = put_image(client, "photos/oldmodel.jpg")
-    put_feature(client, "resnet50/photos/oldmodel.jpg.npy", etag, FP_B)  # stale-fingerprint
-    put_feature(client, "resnet50/photos/gone.jpg.npy", "e", FP_A)  # orphan
+    # stale-fingerprint
+    put_feature(client, "resnet50/", "photos/oldmodel.jpg", etag=etag, fingerprint=FP_B)
+    put_feature(client, "resnet50/", "photos/gone.jpg", etag="e", fingerprint=FP_A)  # orphan
     client.put_object(Bucket="feats", Key="resnet50/photos/readme.txt", Body=b"not a feature")
-    put_feature(client, "resnet50/elsewhere/x.jpg.npy", "e", FP_A)  # outside: not compared
+    # outside the source prefix: not compared
+    put_feature(client, "resnet50/", "elsewhere/x.jpg", etag="e", fingerprint=FP_A)
     return client
 
 
@@ -154,7 +138,7 @@ def test_output_inside_the_image_prefix_is_not_taken_for_images(aws: None) -> No
     s3 = boto3.client("s3", region_name=REGION)
     s3.create_bucket(Bucket="images")
     etag = put_image(s3, "cats/1.jpg")
-    put_feature(s3, "feats/cats/1.jpg.npy", etag, FP_A, bucket="images")
+    put_feature(s3, "feats/", "cats/1.jpg", etag=etag, fingerprint=FP_A, bucket="images")
     _, findings, summary = run_json(
         s3, ["s3://images/", "--output", "s3://images/feats/", "--json"]
     )

@@ -16,6 +16,7 @@ from botocore.stub import Stubber
 from bottleneck_contract.locations import S3Location
 from bottleneck_tools import status
 from producer_lambda.scaler import Backlog
+from tests.fakes import create_work_queue
 
 REGION = "us-east-1"
 JOB_QUEUE = "gpu-queue"
@@ -66,16 +67,7 @@ def world(aws: None) -> Iterator[World]:
     s3 = boto3.client("s3", region_name=REGION)
     sqs = boto3.client("sqs", region_name=REGION)
     batch = boto3.client("batch", region_name=REGION)
-    dlq_url = sqs.create_queue(QueueName="work-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    queue_url = sqs.create_queue(
-        QueueName="work",
-        Attributes={
-            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "3"})
-        },
-    )["QueueUrl"]
+    queue_url, dlq_url = create_work_queue(sqs)
     for i in range(5):
         sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"bucket": "b", "key": f"{i}"}))
     got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=2, VisibilityTimeout=600)
