@@ -51,7 +51,7 @@ demo: setup
 bench: setup
 	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
 
-# The producer Lambda's package: producer_lambda/ alone (the runtime provides boto3).
+# The producer Lambda's package: producer_lambda/ and bottleneck_contract/ (the runtime provides boto3).
 lambda-zip: setup
 	$(PY) -m producer_lambda.package build/producer_lambda.zip
 
