@@ -10,7 +10,7 @@ And Jitter"; botocore's standard mode uses the same formula).
 One layer per call. Each AWS call is retried by exactly one layer, so attempts never multiply
 (botocore's attempts times ours times a caller's loop):
 
-* The consumer's S3 and SQS clients have botocore's retries off (:data:`NO_BOTOCORE_RETRIES`);
+* The consumer's S3 and SQS clients have botocore's retries off (:func:`no_botocore_retries`);
   our code is the one layer, because botocore's retries would sleep inside the call, in the
   caller's thread (up to 20 s a try), and the consumer needs a say that botocore cannot have:
 
@@ -48,23 +48,43 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Literal, TypedDict, TypeVar
 
-__all__ = ["NO_BOTOCORE_RETRIES", "Backoff", "Rand", "backoff", "call_with_backoff"]
+__all__ = [
+    "Backoff",
+    "BotocoreRetries",
+    "Rand",
+    "backoff",
+    "call_with_backoff",
+    "no_botocore_retries",
+]
 
 T = TypeVar("T")
 
 Rand = Callable[[], float]
 """A source of numbers in [0, 1): ``random.random``, or a test's fixed value."""
 
-# botocore's ``Config(retries=...)`` for a client whose calls our code retries: one try per call
-# (``total_max_attempts`` also wins over AWS_MAX_ATTEMPTS and the config file).
-NO_BOTOCORE_RETRIES: Final[Mapping[str, Any]] = {"mode": "standard", "total_max_attempts": 1}
 
 # 2**64 times any sensible base is past every cap: larger exponents only risk float overflow.
 _MAX_EXPONENT = 64
+
+
+class BotocoreRetries(TypedDict, total=False):
+    """The shape of botocore's ``Config(retries=...)``."""
+
+    total_max_attempts: int
+    max_attempts: int
+    mode: Literal["legacy", "standard", "adaptive"]
+
+
+def no_botocore_retries() -> BotocoreRetries:
+    """botocore's ``Config(retries=...)`` for a client whose calls our code retries: one try.
+
+    ``total_max_attempts`` also wins over ``AWS_MAX_ATTEMPTS`` and the shared config file.
+    """
+    return {"mode": "standard", "total_max_attempts": 1}
 
 
 def backoff(attempt: int, *, base: float, cap: float, rand: Rand = random.random) -> float:

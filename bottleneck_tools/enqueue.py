@@ -30,6 +30,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bottleneck_contract import logs
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import ImageRef, encode
+from bottleneck_contract.retry import no_botocore_retries
 from bottleneck_tools.backfill import run_backfill
 from bottleneck_tools.cmdline import OneLineParser, parse_validated
 from bottleneck_tools.redrive import redrive
@@ -344,7 +345,9 @@ def _clients(concurrency: int) -> tuple[S3Client, SQSClient, BatchClient]:
     session = boto3.session.Session()
     s3: S3Client = session.client("s3", config=config)
     sqs: SQSClient = session.client("sqs", config=config)
-    batch: BatchClient = session.client("batch", config=config)
+    # The scaler's call_with_backoff is the one layer for Batch (bottleneck_contract.retry).
+    no_retries = Config(retries=no_botocore_retries())
+    batch: BatchClient = session.client("batch", config=config.merge(no_retries))
     return s3, sqs, batch
 
 

@@ -47,9 +47,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.queues import redrive_target
+from bottleneck_contract.retry import no_botocore_retries
 from bottleneck_tools.backfill import list_objects
 from bottleneck_tools.cmdline import OneLineParser, parse_validated
-from producer_lambda.backoff import call_with_backoff, error_code
+from producer_lambda.backoff import call_with_backoff, error_code, is_transient
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog
 from producer_lambda.settings import (
     SettingsError,
@@ -363,7 +364,10 @@ def count_jobs(
             if token:
                 kwargs["nextToken"] = token
             page = call_with_backoff(
-                partial(batch.list_jobs, **kwargs), backoff=BATCH_BACKOFF, sleep=sleep
+                partial(batch.list_jobs, **kwargs),
+                backoff=BATCH_BACKOFF,
+                retry_if=is_transient,
+                sleep=sleep,
             )
             counts[status] += len(page.get("jobSummaryList", []))
             token = page.get("nextToken")
@@ -527,11 +531,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse(argv, bottleneck_environ())
     try:
         import boto3
+        from botocore.config import Config
 
         session = boto3.session.Session()
         sqs: SQSClient = session.client("sqs")
         s3: S3Client = session.client("s3")
-        batch: BatchClient = session.client("batch")
+        # The scaler's call_with_backoff is the one layer for Batch (bottleneck_contract.retry).
+        no_retries = Config(retries=no_botocore_retries())
+        batch: BatchClient = session.client("batch", config=no_retries)
     except BotoCoreError as exc:
         sys.stderr.write(f"{PROG}: error: cannot create AWS clients: {exc}\n")
         return EXIT_FAILED

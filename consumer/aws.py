@@ -20,7 +20,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from bottleneck_contract.retry import NO_BOTOCORE_RETRIES, Backoff, call_with_backoff
+from bottleneck_contract.retry import Backoff, call_with_backoff, no_botocore_retries
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ class Clients:
 def make_clients(*, pool_size: int, session: boto3.Session | None = None) -> Clients:
     """S3 and SQS clients whose connection pools match the pipeline's concurrency."""
     session = session or boto3.Session()
-    retries: Any = dict(NO_BOTOCORE_RETRIES)
+    retries = no_botocore_retries()
     s3_config = botocore.config.Config(
         max_pool_connections=pool_size,
         retries=retries,

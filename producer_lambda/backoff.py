@@ -1,9 +1,11 @@
-"""A small capped exponential backoff with full jitter, for AWS throttling.
+"""The producer's retry layer: which AWS errors it retries, over the project's one retry loop.
 
-The Lambda zip carries no third-party retry library, and botocore's own retries stop after a few
-attempts, so calls to AWS Batch (whose ``SubmitJob`` and ``ListJobs`` throttle at low request
-rates with ``TooManyRequestsException``) go through :func:`call_with_backoff`. Only throttling is
-retried here: a throttled request was not executed, so retrying it can never submit a job twice.
+The policy (one layer per call; the one backoff function) is :mod:`bottleneck_contract.retry`.
+On this side our layer is used for AWS Batch only, whose clients are built with botocore's
+retries off (:func:`~bottleneck_contract.retry.no_botocore_retries`): ``SubmitJob`` is retried
+only when throttled (:func:`is_throttling`: a throttled request was not carried out, so a retry
+can never submit a job twice), reads and ``CancelJob`` on any transient error
+(:func:`is_transient`). SQS and S3 calls keep botocore's standard-mode retries and no loop here.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-__all__ = ["THROTTLING_CODES", "Backoff", "call_with_backoff", "error_code", "is_throttling"]
+from bottleneck_contract import retry
+
+__all__ = ["THROTTLING_CODES", "call_with_backoff", "error_code", "is_throttling", "is_transient"]
 
 T = TypeVar("T")
 
@@ -32,27 +36,8 @@ THROTTLING_CODES = frozenset(
         "SlowDown",
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """``attempts`` tries in all; before try n+1 sleep uniform(0, min(cap, base * 2**n)) seconds."""
-
-    attempts: int = 6
-    base: float = 0.25
-    cap: float = 4.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1 or self.base < 0 or self.cap < 0:
-            raise ValueError(f"invalid backoff {self}")
-
-    def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
-        """Seconds to sleep before retry number ``retry`` (0 for the first retry)."""
-        return rand() * min(self.cap, self.base * (2**retry))
-
-    def worst_case(self) -> float:
-        """The longest total sleep :func:`call_with_backoff` can add (for timeout budgets)."""
-        return sum(min(self.cap, self.base * (2**n)) for n in range(self.attempts - 1))
+# Failures on AWS's side that a later try can get past (botocore's standard mode retries these).
+_TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "InternalError"})
 
 
 def error_code(exc: BaseException) -> str:
@@ -70,27 +55,30 @@ def is_throttling(exc: BaseException) -> bool:
     return error_code(exc) in THROTTLING_CODES or status == 429
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Throttling, a 5xx, a request timeout, or a connection that failed or broke."""
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return True
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return is_throttling(exc) or error_code(exc) in _TRANSIENT_CODES or int(status) >= 500
+
+
 def call_with_backoff(
     call: Callable[[], T],
     *,
-    backoff: Backoff,
+    backoff: retry.Backoff,
     retry_if: Callable[[BaseException], bool] = is_throttling,
     sleep: Callable[[float], None] = time.sleep,
-    rand: Callable[[], float] = random.random,
+    rand: retry.Rand = random.random,
     on_retry: Callable[[BaseException, float], None] | None = None,
 ) -> T:
-    """Call ``call()``; while it raises an error that ``retry_if`` accepts, sleep and try again.
+    """:func:`bottleneck_contract.retry.call_with_backoff`, retrying only throttling unless told.
 
-    After ``backoff.attempts`` tries the last error is raised. Other errors are raised at once.
+    Throttling is the one failure after which any call, ``SubmitJob`` included, is surely safe
+    to repeat; a caller whose call is idempotent passes ``retry_if=is_transient``.
     """
-    for retry in range(backoff.attempts):
-        try:
-            return call()
-        except Exception as exc:
-            if retry + 1 >= backoff.attempts or not retry_if(exc):
-                raise
-            pause = backoff.delay(retry, rand)
-            if on_retry is not None:
-                on_retry(exc, pause)
-            sleep(pause)
-    raise AssertionError("unreachable")  # pragma: no cover
+    return retry.call_with_backoff(
+        call, backoff=backoff, retry_if=retry_if, sleep=sleep, rand=rand, on_retry=on_retry
+    )

@@ -1,11 +1,13 @@
 """Sending image references to the work queue, ten per ``SendMessageBatch`` call.
 
 SendMessageBatch succeeds as a call even when some of its entries fail: those come back in
-``Failed``. Entries that failed through no fault of ours (``SenderFault`` false: throttling, an
-internal error) are sent again after a short backoff; entries the queue rejected as invalid
-(``SenderFault`` true) would fail again and are reported at once. Whatever still fails is returned
-to the caller, never dropped silently. The consumer is idempotent, so a message that was sent
-twice (a retried call whose first try did arrive) costs one duplicate receive, nothing more.
+``Failed``, where botocore's retries never see them. Entries that failed through no fault of
+ours (``SenderFault`` false: throttling, an internal error) are sent again after a short backoff;
+entries the queue rejected as invalid (``SenderFault`` true) would fail again and are reported at
+once. A call that raises has had botocore's standard-mode tries already (the one layer for a
+raised call, see :mod:`bottleneck_contract.retry`) and is not tried again here. Whatever still
+fails is returned to the caller, never dropped silently. The consumer is idempotent, so a message
+that was sent twice (a call whose response was lost) costs one duplicate receive, nothing more.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import TYPE_CHECKING, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.messages import ImageRef, encode
-from producer_lambda.backoff import Backoff, error_code
+from bottleneck_contract.retry import Backoff
+from producer_lambda.backoff import error_code
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -83,9 +86,9 @@ def send_batch(
 ) -> BatchOutcome:
     """Send up to ten images in one ``SendMessageBatch``, retrying the entries that failed.
 
-    A call that fails as a whole (an AWS error after botocore's own retries, a connection error)
-    counts as a failure of every entry still pending and is retried the same way. Never raises
-    for AWS errors: the outcome says what was sent and what was not.
+    A call that fails as a whole (an AWS error or a connection error that outlived botocore's
+    retries) fails every entry still pending, with no further try. Never raises for AWS errors:
+    the outcome says what was sent and what was not.
     """
     if len(refs) > MAX_BATCH:
         raise ValueError(f"at most {MAX_BATCH} messages per batch, got {len(refs)}")
@@ -106,7 +109,7 @@ def send_batch(
         except (ClientError, BotoCoreError) as exc:
             for entry_id in pending:
                 last_error[entry_id] = (error_code(exc), str(exc), False)
-            continue
+            break
         for ok in response.get("Successful", []):
             ref = pending.pop(ok["Id"], None)
             if ref is not None:

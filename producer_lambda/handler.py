@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from bottleneck_contract.logs import configure_logger, log
 from bottleneck_contract.messages import ImageRef, MalformedMessage, Skip, parse_notification
+from bottleneck_contract.retry import no_botocore_retries
 from producer_lambda.enqueue import send_all
 from producer_lambda.filters import KeyFilter
 from producer_lambda.scaler import ScaleResult, scale
@@ -214,8 +215,9 @@ def _sqs_client() -> SQSClient:
     import boto3
     from botocore.config import Config
 
+    # botocore's standard mode is the one layer that retries a raised SQS call (six tries).
     client: SQSClient = boto3.client(
-        "sqs", config=Config(retries={"mode": "standard", "max_attempts": 5})
+        "sqs", config=Config(retries={"mode": "standard", "total_max_attempts": 6})
     )
     return client
 
@@ -225,7 +227,7 @@ def _batch_client() -> BatchClient:
     import boto3
     from botocore.config import Config
 
-    client: BatchClient = boto3.client(
-        "batch", config=Config(retries={"mode": "standard", "max_attempts": 3})
-    )
+    # The scaler's call_with_backoff is the one layer for Batch: botocore would also retry a
+    # SubmitJob after a 5xx, which may submit a second job.
+    client: BatchClient = boto3.client("batch", config=Config(retries=no_botocore_retries()))
     return client

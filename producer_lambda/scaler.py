@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.logs import log
-from producer_lambda.backoff import Backoff, call_with_backoff, error_code
+from bottleneck_contract.retry import Backoff
+from producer_lambda.backoff import call_with_backoff, error_code, is_throttling, is_transient
 from producer_lambda.settings import ScalingSettings
 
 if TYPE_CHECKING:
@@ -251,7 +252,9 @@ def list_active_jobs(
                 )
             else:
                 call = partial(batch.list_jobs, jobQueue=job_queue, jobStatus=status)
-            page = call_with_backoff(call, backoff=backoff, sleep=sleep, on_retry=_on_throttle)
+            page = call_with_backoff(
+                call, backoff=backoff, retry_if=is_transient, sleep=sleep, on_retry=_on_throttle
+            )
             for summary in page.get("jobSummaryList", []):
                 jobs[summary["jobId"]] = ActiveJob(
                     job_id=summary["jobId"],
@@ -302,6 +305,9 @@ def scale(
                 jobDefinition=scaling.job_definition,
             ),
             backoff=backoff,
+            # Throttled only: after a 5xx or a reset the job may exist, and a retry would
+            # submit a second one (the next run counts it instead).
+            retry_if=is_throttling,
             sleep=sleep,
             on_retry=_on_throttle,
         )
@@ -360,6 +366,7 @@ def _still_active(
         page = call_with_backoff(
             partial(batch.describe_jobs, jobs=ids),
             backoff=backoff,
+            retry_if=is_transient,
             sleep=sleep,
             on_retry=_on_throttle,
         )
@@ -394,6 +401,7 @@ def _cancel(
             call_with_backoff(
                 partial(batch.cancel_job, jobId=job.job_id, reason=reason),
                 backoff=backoff,
+                retry_if=is_transient,
                 sleep=sleep,
                 on_retry=_on_throttle,
             )

@@ -356,31 +356,44 @@ def test_partial_batch_failure_is_retried_then_reported_and_raised(
     assert "uploads/" in str(caught.value)
 
 
-def test_a_batch_call_that_fails_as_a_whole_is_retried(
-    enqueue_only: Settings, sqs: Any, queue_url: str
+def test_a_batch_call_that_fails_as_a_whole_is_not_tried_again(
+    enqueue_only: Settings, sqs: Any, queue_url: str, log_lines: Any
 ) -> None:
     from botocore.exceptions import ClientError
 
+    # GIVEN a SendMessageBatch that raises: botocore's standard mode, the one layer that retries
+    # a raised SQS call, has spent its tries (the proxy stands where they would be)
     failures = [
         ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "x"}}, "SendMessageBatch")
     ]
 
     class Outage(FlakySQS):
         def send_message_batch(self, **kwargs: Any) -> dict[str, Any]:
+            self.calls.append([])
             if failures:
                 raise failures.pop()
             return super().send_message_batch(**kwargs)
 
     flaky = Outage(sqs, {}, set())
-    summary = handle(
-        s3_event(s3_put_record(IMAGES, "uploads/a.jpg")),
-        enqueue_only,
-        sqs=flaky,  # type: ignore[arg-type]
-        batch=None,
-        sleep=lambda _: None,
-    )
-    assert summary["enqueued"] == 1
-    assert [b["key"] for b in drain(sqs, queue_url)] == ["uploads/a.jpg"]
+
+    # WHEN the function handles an upload
+    with pytest.raises(EnqueueError, match="1 of 1 messages not sent"):
+        handle(
+            s3_event(s3_put_record(IMAGES, "uploads/a.jpg")),
+            enqueue_only,
+            sqs=flaky,  # type: ignore[arg-type]
+            batch=None,
+            sleep=lambda _: None,
+        )
+
+    # THEN the call was made once (no second layer multiplies botocore's tries), the image is
+    # reported with the error, and raised so that the S3 event is retried as a whole
+    assert flaky.calls == [[]]
+    assert drain(sqs, queue_url) == []
+    failed = [line for line in log_lines() if line["message"] == "send-failed"]
+    assert [(line["key"], line["code"]) for line in failed] == [
+        ("uploads/a.jpg", "ServiceUnavailable")
+    ]
 
 
 def test_moto_s3_notifications_through_sqs(

@@ -17,7 +17,7 @@ import boto3
 import pytest
 from moto.batch.models import batch_backends
 
-from producer_lambda.backoff import Backoff
+from bottleneck_contract.retry import Backoff
 from producer_lambda.scaler import ACTIVE_STATES, Backlog, list_active_jobs, read_backlog, scale
 from producer_lambda.settings import ScalingSettings
 from tests.fake_batch import FakeBatch

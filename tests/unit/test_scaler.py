@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from producer_lambda.backoff import Backoff, call_with_backoff, is_throttling
+from bottleneck_contract.retry import Backoff
+from producer_lambda.backoff import call_with_backoff, is_throttling
 from producer_lambda.scaler import (
     ActiveJob,
     Backlog,
