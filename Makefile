@@ -12,7 +12,7 @@ CHECKOV_VERSION ?= 3.3.30
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup scan-setup test lint lint-infra typecheck unit demo bench lambda-zip deploy teardown clean
+.PHONY: setup scan-setup test lint lint-infra typecheck unit demo bench bench-gpu lambda-zip deploy teardown clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -50,6 +50,11 @@ demo: setup
 
 bench: setup
 	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+
+# Model only (fp32, bf16, bf16 + compile), compute path (CPU and GPU decode) and the feed row on a
+# GPU, in under 8 minutes; a small set on the CPU. JSON and a table to $OUT, else build/.
+bench-gpu: setup
+	$(PY) -m benchmarks.gpu $(BENCH_ARGS)
 
 # The producer Lambda's package: producer_lambda/ and bottleneck_contract/ (the runtime provides boto3).
 lambda-zip: setup
