@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
+from importlib import metadata
+
+import torch
 
 from tests.infra.conftest import DOCKERFILE_PATH, ROOT
 
@@ -77,6 +80,65 @@ def test_every_base_is_a_pinned_cuda_pytorch_runtime() -> None:
         assert image == "pytorch/pytorch", base
         # A full version tag (never "latest"), CUDA and the runtime (not the devel) flavour.
         assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-runtime", tag), base
+
+
+def _args(stage: list[Instruction]) -> dict[str, str]:
+    return dict(i.value.split("=", 1) for i in stage if i.keyword == "ARG" and "=" in i.value)
+
+
+def test_the_image_runs_the_torch_the_tests_run() -> None:
+    # GIVEN the torch and torchvision this test suite runs on
+    torch_version = metadata.version("torch").split("+")[0]
+    torchvision_version = metadata.version("torchvision").split("+")[0]
+    cuda = torch.version.cuda  # None for a CPU-only build: then the CUDA line is not checked
+
+    # THEN the final stage pins the same versions
+    args = _args(_final_stage())
+    assert (args["TORCH_VERSION"], args["TORCHVISION_VERSION"]) == (
+        torch_version,
+        torchvision_version,
+    ), "the tests moved to another torch: move the Dockerfile's base and pins with them"
+    # AND every base is that torch's official image, for the CUDA these wheels are built for
+    for base in [i.value.split()[0] for i in _instructions() if i.keyword == "FROM"]:
+        tag = base.partition("@")[0].rpartition(":")[2]
+        version, cuda_part = tag.split("-")[:2]
+        assert version == torch_version, base
+        if cuda is not None:
+            assert cuda_part == f"cuda{cuda}", (base, cuda)
+        # AND nvImageCodec's wheel is built for the same CUDA major version
+        major = cuda_part.removeprefix("cuda").split(".")[0]
+        assert re.match(rf"nvidia-nvimgcodec-cu{major}\[nvjpeg\]", args["NVIMGCODEC"]), args
+
+
+def test_the_build_checks_the_base_then_installs_under_its_pins() -> None:
+    runs = [i for i in _final_stage() if i.keyword == "RUN"]
+    (check,) = [r for r in runs if "torchvision.__version__" in r.value]
+    (install,) = [r for r in runs if "/wheels/*.whl" in r.value]
+    # The base's versions are checked before anything is installed on top of it
+    assert check.line < install.line
+    assert '"$TORCH_VERSION" "$TORCHVISION_VERSION"' in check.value
+    assert "torch==%s" in install.value and "torchvision==%s" in install.value
+    assert "--constraint /tmp/constraints.txt" in install.value
+    assert '"$NVIMGCODEC"' in install.value
+
+
+def test_every_package_of_the_distribution_is_copied_into_the_build() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {
+        pattern.rstrip("*")
+        for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    instructions = _instructions()
+    first_stage_end = next(
+        i for i, ins in enumerate(instructions) if ins.keyword == "FROM" and i > 0
+    )
+    copied = {
+        src.rstrip("/").removeprefix("./")
+        for ins in instructions[:first_stage_end]
+        if ins.keyword == "COPY"
+        for src in ins.value.split()[:-1]
+    }
+    assert packages and packages <= copied, packages - copied
 
 
 def test_runs_as_a_non_root_user() -> None:
