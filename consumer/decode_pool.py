@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 DECODE_TIMEOUT_S = 120.0
 _OK = b"\x00"
 _FAILED = b"\x01"
+_READY = b"ready"
+_START_TIMEOUT_S = 60.0
+
+
+class DecoderUnavailable(RuntimeError):
+    """Decode processes cannot be started (the setup is broken, not an image)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +104,19 @@ class DecodeProcesses:
             raise TransientError("stopping", "decoding stopped with the worker")
         child = self._idle.get()
         try:
+            if child.dead:  # the child that crashed on the last image: replace it first
+                child = self._replace(child)
             return child.decode(data)
+        except DecoderUnavailable as exc:
+            raise TransientError("decoder-unavailable", str(exc)) from None
         except _ChildDied as died:
+            child.dead = True
             if self._closed:  # killed by the shutdown, not by the image
                 raise TransientError("stopping", "decoding stopped with the worker") from None
             log.warning(
                 "decoder process died; the image fails alone",
                 extra={"fields": {"cause": died.cause, "pid": child.pid}},
             )
-            child = self._replace(child)
             raise PermanentError("decoder-crashed", f"the decoder process {died.cause}") from None
         finally:
             self._idle.put(child)
@@ -149,6 +159,7 @@ class _Child:
 
     def __init__(self, context: Any, spec: ChildSpec) -> None:
         self.spec = spec
+        self.dead = False
         self.shm = SharedMemory(create=True, size=spec.out_bytes)
         self.conn, child_conn = context.Pipe(duplex=True)
         self.process = context.Process(
@@ -157,6 +168,16 @@ class _Child:
         self.process.start()
         child_conn.close()
         self.pid = int(self.process.pid or 0)
+        # A child that cannot even start (a bad hook, no shared memory) is a broken setup, not
+        # a poison image: say so here, before any image is blamed for it.
+        try:
+            ready = self.conn.poll(_START_TIMEOUT_S) and self.conn.recv_bytes() == _READY
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            cause = self._cause() if not self.process.is_alive() else "did not answer"
+            self.close()
+            raise DecoderUnavailable(f"a decode process could not start: it {cause}")
 
     def decode(self, data: bytes) -> np.ndarray:
         try:
@@ -217,6 +238,7 @@ def serve(conn: multiprocessing.connection.Connection, shm_name: str, spec: Chil
     assert buffer is not None
     out = np.frombuffer(buffer, dtype=np.uint8, count=spec.out_bytes)
     _limit_memory(spec.memory_bytes)
+    conn.send_bytes(_READY)
     while True:
         try:
             data = conn.recv_bytes()

@@ -85,7 +85,7 @@ def build_preparer(config: Config, backbone: Backbone) -> Preparer:
     draft = config.decode == "pil-draft"
     if config.decode_isolation == "threads":
         return ImagePreparer(backbone.spec, limits, draft=draft)
-    from consumer.decode_pool import ChildSpec, DecodeProcesses
+    from consumer.decode_pool import ChildSpec, DecodeProcesses, DecoderUnavailable
 
     spec = backbone.spec
     child = ChildSpec(
@@ -101,7 +101,10 @@ def build_preparer(config: Config, backbone: Backbone) -> Preparer:
         hook=config.decode_hook,
         consumer_pid=os.getpid(),
     )
-    return DecodeProcesses(child, workers=config.decode_threads)
+    try:
+        return DecodeProcesses(child, workers=config.decode_threads)
+    except DecoderUnavailable as exc:
+        raise ConfigError(f"--decode-isolation processes: {exc}") from None
 
 
 def build_runtime(

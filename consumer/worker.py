@@ -32,6 +32,7 @@ import time
 
 from consumer.inflight import InFlight
 from consumer.metrics import MetricsEmitter
+from consumer.quarantine import Quarantine, max_receive_count
 from consumer.runtime import Runtime
 from consumer.spot import SpotWatch
 from consumer.stages.ack import Acker
@@ -102,11 +103,18 @@ class Worker:
             max_wait=cfg.max_wait_ms / 1000,
             halted=self.halted,
             receiving_stopped=self.receiving_stopped,
+            nothing_coming=lambda: self.quarantine.solo_active,
         )
         self.heartbeat = Heartbeat(
             work_queue=runtime.work_queue,
             inflight=self.inflight,
             visibility=cfg.visibility_timeout,
+        )
+        self.quarantine = Quarantine(
+            s3=runtime.clients.s3,
+            bucket=cfg.output.bucket,
+            prefix=cfg.output.prefix,
+            max_receives=_max_receives(runtime),
         )
         wait = LONG_POLL_SECONDS
         if cfg.idle_exit:
@@ -123,6 +131,7 @@ class Worker:
                 wait_seconds=wait,
                 stats=self.stats,
                 receiving_stopped=self.receiving_stopped,
+                quarantine=self.quarantine,
             )
             for i in range(cfg.receivers)
         ]
@@ -204,3 +213,19 @@ class Worker:
             "consumer stopped",
             extra={"fields": {"reason": self.stop_reason or "stopped", **self.stats.summary()}},
         )
+
+
+def _max_receives(runtime: Runtime) -> int | None:
+    """The work queue's ``maxReceiveCount``; a crash is named only with 3 or more."""
+    try:
+        limit = max_receive_count(runtime.clients.sqs, runtime.config.queue_url)
+    except Exception as exc:
+        log.warning("cannot read the work queue's redrive policy", exc_info=exc)
+        return None
+    if limit is not None and limit < 3:
+        log.warning(
+            "maxReceiveCount below 3: a message that kills the consumer reaches the dead-letter "
+            "queue without the reason 'crashed'",
+            extra={"fields": {"max_receive_count": limit}},
+        )
+    return limit

@@ -34,12 +34,14 @@ def collect(
     max_wait: float,
     halted: threading.Event,
     receiving_stopped: threading.Event | None = None,
+    nothing_coming: Callable[[], bool] | None = None,
 ) -> list[ImageTask]:
     """Up to ``max_items`` tasks: wait briefly for the first, then at most ``max_wait`` for more.
 
     Returns an empty list when nothing arrives within a short poll, so that the caller can
     finish the batch already on the device instead of holding it until more work comes. Once
-    ``receiving_stopped`` is set (nothing more is coming) it takes only what is
+    ``receiving_stopped`` is set, or ``nothing_coming()`` says so (a quarantined message runs
+    alone), it takes only what is
     already there, so the graceful stop's grace period goes to computing, not waiting.
     """
     try:
@@ -55,7 +57,11 @@ def collect(
         except queue.Empty:
             pass
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or (receiving_stopped is not None and receiving_stopped.is_set()):
+        if (
+            remaining <= 0
+            or (receiving_stopped is not None and receiving_stopped.is_set())
+            or (nothing_coming is not None and nothing_coming())
+        ):
             break
         try:
             # In short slices, so that a stop is noticed while a long --max-wait-ms runs.
@@ -84,6 +90,7 @@ class Inference(threading.Thread):
         max_wait: float,
         halted: threading.Event,
         receiving_stopped: threading.Event | None = None,
+        nothing_coming: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(name="infer", daemon=True)
         self.backbone = backbone
@@ -96,6 +103,7 @@ class Inference(threading.Thread):
         self.max_wait = max_wait
         self.halted = halted
         self.receiving_stopped = receiving_stopped
+        self.nothing_coming = nothing_coming
         self._good_batches = 0
 
     def run(self) -> None:
@@ -107,6 +115,7 @@ class Inference(threading.Thread):
                 self.max_wait,
                 self.halted,
                 self.receiving_stopped,
+                self.nothing_coming,
             )
             if not batch:
                 if previous is not None:

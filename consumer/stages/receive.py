@@ -12,6 +12,7 @@ from bottleneck_contract.retry import backoff
 from consumer.errors import Failure, classify
 from consumer.features import output_key
 from consumer.inflight import InFlight
+from consumer.quarantine import Quarantine, is_suspect
 from consumer.sqs import BATCH, WorkQueue
 from consumer.stats import Stats
 from consumer.work import ImageTask, Message
@@ -46,6 +47,7 @@ class Receiver(threading.Thread):
         wait_seconds: int,
         stats: Stats,
         receiving_stopped: threading.Event,
+        quarantine: Quarantine | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.work_queue = work_queue
@@ -56,6 +58,7 @@ class Receiver(threading.Thread):
         self.wait_seconds = wait_seconds
         self.stats = stats
         self.receiving_stopped = receiving_stopped
+        self.quarantine = quarantine
         # When the current run of empty receives began (the poll's start), or None while this
         # receiver is busy: it got messages, it waits for room under the in-flight cap, or it
         # has not yet found the queue empty. --idle-exit counts from here, never from the last
@@ -70,6 +73,11 @@ class Receiver(threading.Thread):
 
     def run(self) -> None:
         while not self.receiving_stopped.is_set():
+            if self.quarantine is not None and self.quarantine.solo_active:
+                # A suspect is running alone: nothing new may join it in flight.
+                self.empty_since = None
+                self.receiving_stopped.wait(0.05)
+                continue
             room = self.inflight.reserve(BATCH, timeout=0.5)
             if room <= 0:
                 self.empty_since = None  # waiting for room: the worker is full of work
@@ -88,8 +96,9 @@ class Receiver(threading.Thread):
     def _poll(self, room: int) -> None:
         started = time.monotonic()
         try:
+            size = room if self.quarantine is None else self.quarantine.receive_size(room)
             messages = self.work_queue.receive(
-                room, wait_seconds=self.wait_seconds, visibility=self.visibility
+                size, wait_seconds=self.wait_seconds, visibility=self.visibility
             )
             self.errors = 0
         except Exception as exc:
@@ -118,8 +127,17 @@ class Receiver(threading.Thread):
             self.work_queue.change_visibility(messages, 0)
             self.stats.add("messages_released", len(messages))
             return
-        for message in messages:
-            self._accept(message)
+        if self.quarantine is None:
+            for message in messages:
+                self._accept(message)
+        else:
+            self.quarantine.saw(messages)
+            suspects = [m for m in messages if is_suspect(m)]
+            for message in messages:
+                if not is_suspect(message):
+                    self._accept(message)
+            for message in suspects:
+                self._run_alone(message, self.quarantine)
         if log.isEnabledFor(logging.DEBUG):
             # What the worker holds once this receive is registered: the state tests wait on.
             held, total = len(self.inflight.held()), self.stats.counts["messages"]
@@ -128,10 +146,71 @@ class Receiver(threading.Thread):
                 extra={"fields": {"messages": len(messages), "held": held, "total": total}},
             )
 
+    def _run_alone(self, message: Message, quarantine: Quarantine) -> None:
+        """A suspect (see :mod:`consumer.quarantine`): dead-lettered as ``crashed`` if it died
+        alone before, else run with nothing else in flight, behind a marker."""
+        with quarantine.solo():
+            self._quarantined(message, quarantine)
+
+    def _quarantined(self, message: Message, quarantine: Quarantine) -> None:
+        try:
+            died = quarantine.died_alone(message)
+        except Exception as exc:  # cannot tell: run it alone, which is always safe
+            log.warning("quarantine marker check failed", exc_info=exc)
+            died = False
+        if died:
+            log.warning(
+                "a message that crashed the consumer alone: dead-lettered",
+                extra={"fields": {"message_id": message.message_id}},
+            )
+            message.images = []
+            message.malformed = Failure(
+                "crashed", quarantine.crashed_detail(message), permanent=True
+            )
+            self.inflight.register(message)  # no images: settles (dead-letter) at once
+            quarantine.unmark(message)
+            return
+        build_tasks(message, self.output_prefix)
+        if not self.inflight.register(message):
+            return  # the worker is stopping: it was released at once
+        # Registered (the heartbeat keeps it invisible) but not dispatched until its turn
+        # comes and nothing else is in flight but suspects waiting for theirs.
+        with quarantine.waiting(message):
+            if not quarantine.take_turn(self.receiving_stopped):
+                return  # stopping: the stop releases it with the rest of what is unsettled
+        try:
+            while not quarantine.only_suspects_waiting(self.inflight.held(), message):
+                if self.receiving_stopped.wait(0.02):
+                    return
+            try:
+                quarantine.mark_running(message)
+            except Exception as exc:  # run it all the same: alone is what counts
+                log.warning("could not write a quarantine marker", exc_info=exc)
+            log.info(
+                "running a redelivered message alone",
+                extra={
+                    "fields": {
+                        "message_id": message.message_id,
+                        "receive_count": message.receive_count,
+                    }
+                },
+            )
+            self._dispatch(message)
+            # Until it is settled, or the worker stops (the stop then releases it): either
+            # way the marker goes, since only a consumer that died leaves it behind.
+            while not message.settled and not self.receiving_stopped.wait(0.02):
+                pass
+            quarantine.unmark(message)
+        finally:
+            quarantine.end_turn()
+
     def _accept(self, message: Message) -> None:
         build_tasks(message, self.output_prefix)
         if not self.inflight.register(message):
             return  # the worker is stopping: it was released at once
+        self._dispatch(message)
+
+    def _dispatch(self, message: Message) -> None:
         for task in message.images:
             try:
                 task.output_key = output_key(self.output_prefix, task.ref.key)

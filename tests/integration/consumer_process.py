@@ -26,6 +26,8 @@ def aws_env(endpoint: str) -> dict[str, str]:
         AWS_DEFAULT_REGION=REGION,
         HF_HUB_OFFLINE="1",
         BOTTLENECK_LOG_LEVEL="INFO",
+        # The repository root, so that a test's --decode-hook (tests.crash_hook) can be imported.
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
     )
     return env
 

@@ -1,0 +1,176 @@
+"""Quarantine: a message that comes back after its worker died is handled alone.
+
+Decode runs in crash-isolated processes (:mod:`consumer.decode_pool`), but the consumer itself
+can still die on an input: the kernel's out-of-memory killer picks it, or native code outside
+decoding crashes. Everything it held then comes back with its receive count raised, and a repeat
+offender would take fresh neighbours down with it again and again until ``maxReceiveCount`` sent
+them all to the dead-letter queue without a reason. So:
+
+- A *suspect* is a message received before (``ApproximateReceiveCount`` > 1) that this worker
+  did not release itself. It runs alone: the receiver waits until nothing else is in flight,
+  runs it, and receives nothing more until it is settled.
+- Before a suspect runs alone, a marker object is written under the output prefix
+  (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. A suspect
+  whose marker is still there died *alone* with the consumer: that is proof, not suspicion, and it
+  goes to the dead-letter queue with ``error-code`` ``crashed`` instead of running again. With
+  ``maxReceiveCount`` 3 that is its third receive, one before SQS would move it without a reason.
+- After a start (which may follow a crash) and after any suspect, the receivers are *careful*:
+  they receive one message at a time, so that suspects arrive one by one instead of ten held
+  together, until ``CAREFUL_STREAK`` fresh messages in a row show the redeliveries are over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from consumer import aws
+from consumer.work import Message
+
+log = logging.getLogger(__name__)
+
+# Fresh messages in a row after which the receivers go back to full receives.
+CAREFUL_STREAK = 20
+MARKERS = "_bottleneck/running/"
+
+
+def max_receive_count(sqs: Any, queue_url: str) -> int | None:
+    """The work queue's ``maxReceiveCount`` from its redrive policy, or ``None``."""
+    import json
+
+    attributes = aws.call(
+        sqs.get_queue_attributes, QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]
+    ).get("Attributes", {})
+    policy = attributes.get("RedrivePolicy")
+    if not policy:
+        return None
+    return int(json.loads(policy)["maxReceiveCount"])
+
+
+class Quarantine:
+    """Shared by the receivers: whether to receive carefully, and the solo runs of suspects."""
+
+    def __init__(self, *, s3: Any, bucket: str, prefix: str, max_receives: int | None) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix + MARKERS
+        self.max_receives = max_receives
+        self._lock = threading.Lock()
+        self._careful = True
+        self._streak = 0
+        # Suspects waiting for the pipeline to drain or running alone: while there is one, no
+        # receiver receives, so nothing new joins it in flight.
+        self._solo = 0
+        # One suspect runs at a time; the others wait, registered, for their turn.
+        self._turn = threading.Lock()
+        self._waiting: set[str] = set()
+
+    # --- turns ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def solo(self) -> Iterator[None]:
+        with self._lock:
+            self._solo += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._solo -= 1
+
+    @property
+    def solo_active(self) -> bool:
+        with self._lock:
+            return self._solo > 0
+
+    @contextlib.contextmanager
+    def waiting(self, message: Message) -> Iterator[None]:
+        with self._lock:
+            self._waiting.add(message.message_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting.discard(message.message_id)
+
+    def take_turn(self, stopped: threading.Event) -> bool:
+        """Block until it is this caller's turn to run a suspect (``False`` if stopped first)."""
+        while not self._turn.acquire(timeout=0.05):
+            if stopped.is_set():
+                return False
+        return True
+
+    def end_turn(self) -> None:
+        self._turn.release()
+
+    def only_suspects_waiting(self, held: list[Message], running: Message) -> bool:
+        """Whether everything in flight but ``running`` is a suspect waiting for its turn, or
+        settled (its work is done; only its delete or dead-letter send is left to the acker)."""
+        with self._lock:
+            return all(m is running or m.settled or m.message_id in self._waiting for m in held)
+
+    # --- how to receive ----------------------------------------------------------------------
+    def receive_size(self, room: int) -> int:
+        with self._lock:
+            return min(room, 1) if self._careful else room
+
+    def saw(self, messages: list[Message]) -> None:
+        """Update the careful state after a receive."""
+        with self._lock:
+            if any(is_suspect(m) for m in messages):
+                self._careful, self._streak = True, 0
+                return
+            self._streak += len(messages)
+            if self._careful and self._streak >= CAREFUL_STREAK:
+                self._careful = False
+                log.info("no more redeliveries seen; receiving in full batches again")
+
+    @property
+    def careful(self) -> bool:
+        with self._lock:
+            return self._careful
+
+    # --- the marker ----------------------------------------------------------------------------
+    def marker_key(self, message: Message) -> str:
+        return self.prefix + message.message_id
+
+    def died_alone(self, message: Message) -> bool:
+        """Whether ``message`` was running alone when a consumer died (its marker is there)."""
+        try:
+            aws.call(self.s3.head_object, Bucket=self.bucket, Key=self.marker_key(message))
+        except Exception as exc:
+            if aws.error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+        return True
+
+    def mark_running(self, message: Message) -> None:
+        aws.call(
+            self.s3.put_object,
+            Bucket=self.bucket,
+            Key=self.marker_key(message),
+            Body=str(message.receive_count).encode(),
+            ContentType="text/plain",
+        )
+
+    def unmark(self, message: Message) -> None:
+        try:
+            aws.call(self.s3.delete_object, Bucket=self.bucket, Key=self.marker_key(message))
+        except Exception as exc:  # a marker left behind costs one HEAD at a later redelivery
+            log.warning(
+                "could not remove a quarantine marker",
+                exc_info=exc,
+                extra={"fields": {"key": self.marker_key(message)}},
+            )
+
+    def crashed_detail(self, message: Message) -> str:
+        limit = f" (maxReceiveCount {self.max_receives})" if self.max_receives else ""
+        return (
+            f"the consumer died while it processed this message alone; receive "
+            f"{message.receive_count}{limit}"
+        )
+
+
+def is_suspect(message: Message) -> bool:
+    return message.receive_count > 1

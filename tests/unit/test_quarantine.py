@@ -1,0 +1,72 @@
+"""Quarantine bookkeeping: careful receives after a start or a suspect, turns, the drain rule."""
+
+from __future__ import annotations
+
+import threading
+
+from consumer.quarantine import CAREFUL_STREAK, Quarantine, is_suspect
+from consumer.work import Message
+
+
+def message(message_id: str, receive_count: int = 1) -> Message:
+    return Message(message_id, "h", "{}", receive_count, 0.0, 60.0)
+
+
+def quarantine() -> Quarantine:
+    return Quarantine(s3=None, bucket="feats", prefix="v1/", max_receives=3)
+
+
+def test_a_fresh_start_receives_one_at_a_time_until_a_streak_of_fresh_messages() -> None:
+    # GIVEN a worker that just started (it may follow a crash)
+    q = quarantine()
+    assert q.receive_size(10) == 1
+
+    # WHEN fresh messages keep coming, then a redelivered one
+    q.saw([message(str(i)) for i in range(CAREFUL_STREAK)])
+    full_after_streak = q.receive_size(10)
+    q.saw([message("again", receive_count=2)])
+
+    # THEN it went back to full receives after the streak, and a suspect makes it careful again
+    assert full_after_streak == 10
+    assert q.receive_size(10) == 1
+
+
+def test_a_suspect_is_a_message_received_before() -> None:
+    assert not is_suspect(message("a", 1))
+    assert is_suspect(message("b", 2))
+
+
+def test_a_suspect_runs_only_when_the_rest_in_flight_is_settled_or_waiting_its_turn() -> None:
+    # GIVEN a suspect about to run, another waiting for its turn, and fresh work still in flight
+    q = quarantine()
+    running, waiting, fresh = message("s1", 2), message("s2", 2), message("f", 1)
+    with q.waiting(waiting):
+        # WHEN / THEN the fresh message holds it back until it is settled
+        assert not q.only_suspects_waiting([running, waiting, fresh], running)
+        fresh.settled = True
+        assert q.only_suspects_waiting([running, waiting, fresh], running)
+    # AND a suspect that stopped waiting (it has its turn) holds the next one back
+    assert not q.only_suspects_waiting([running, waiting], running)
+
+
+def test_one_suspect_at_a_time_and_a_stop_ends_the_wait_for_a_turn() -> None:
+    # GIVEN one suspect running (it holds the turn)
+    q = quarantine()
+    stopped = threading.Event()
+    assert q.take_turn(stopped)
+
+    # WHEN a second asks for its turn and the worker stops meanwhile
+    stopped.set()
+
+    # THEN it gives up instead of waiting forever; once the first ends, a turn is free again
+    assert not q.take_turn(stopped)
+    q.end_turn()
+    assert q.take_turn(threading.Event())
+
+
+def test_receivers_hold_back_while_a_suspect_waits_or_runs() -> None:
+    q = quarantine()
+    assert not q.solo_active
+    with q.solo(), q.solo():
+        assert q.solo_active
+    assert not q.solo_active
