@@ -1,7 +1,7 @@
 """The producer Lambda: S3 upload events in, work-queue messages and Batch jobs out.
 
 Entry point ``producer_lambda.handler.lambda_handler``. Thin by design: parse the event with
-:mod:`producer_lambda.messages`, keep the keys that :class:`~producer_lambda.filters.KeyFilter`
+:mod:`bottleneck_contract.messages`, keep the keys that :class:`~producer_lambda.filters.KeyFilter`
 accepts, send them with :func:`~producer_lambda.enqueue.send_all`, then run the scaler. Scheduled
 EventBridge events run the scaler only.
 
