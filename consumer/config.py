@@ -43,7 +43,7 @@ class Config:
     overwrite: bool = False
     existing_check: str = "write"
     s3_client: str = "auto"
-    decode: str = "pil"
+    decode: str = "auto"
     receivers: int = 2
     fetch_concurrency: int = 16
     decode_workers: int = 0
@@ -300,9 +300,10 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "decode",
-        _choice("pil", "pil-draft", "cuda"),
-        "pil (exact, default), pil-draft (Pillow JPEG DCT scaling for large JPEGs) or cuda "
-        "(nvJPEG decode and resize on the GPU, Pillow for the rest)",
+        _choice("auto", "pil", "pil-draft", "cuda"),
+        "auto (default: cuda on a CUDA device, else pil), pil (exact), pil-draft (Pillow JPEG "
+        "DCT scaling for large JPEGs) or cuda (batched nvJPEG decode and resize on the GPU, "
+        "Pillow for the rest)",
     ),
     Option("receivers", _positive_int, "concurrent SQS long-polls (default 2)", "N"),
     Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 16)", "N"),

@@ -54,7 +54,7 @@ import torch
 from PIL import Image
 
 from consumer.decode import DecodeLimits, open_checked
-from consumer.errors import ConfigError, Failure, PermanentError, TransientError, classify
+from consumer.errors import ConfigError, Failure, classify
 from consumer.preprocess import ImagePreparer, InputSpec, pil_stages
 
 log = logging.getLogger(__name__)
@@ -523,23 +523,3 @@ class TorchvisionDecoder:
         return cast(
             list[torch.Tensor], self._decode_jpeg(encoded, mode=self._rgb, device=self.device)
         )
-
-
-class TensorImagePreparer:
-    """One image at a time through :class:`GpuBatchDecoder`: the :class:`Preparer` that the
-    decode threads call for ``--decode cuda`` until the inference stage batches the decode.
-
-    Returns the ``(H, W, 3)`` uint8 input on the device; raises the image's failure.
-    """
-
-    def __init__(self, spec: InputSpec, limits: DecodeLimits, device: torch.device) -> None:
-        self.limits = limits
-        self.batch = GpuBatchDecoder(spec, limits, device)
-
-    def __call__(self, data: bytes) -> torch.Tensor:
-        decoded = self.batch.decode([data])
-        if 0 in decoded.failures:
-            failure = decoded.failures[0]
-            error = PermanentError if failure.permanent else TransientError
-            raise error(failure.error_code, failure.detail)
-        return decoded.nhwc[0]

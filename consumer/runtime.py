@@ -9,7 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import torch
 
 from consumer.aws import Clients, make_clients
 from consumer.config import Config
@@ -21,6 +26,9 @@ from consumer.objects import ObjectClient, open_objects
 from consumer.preprocess import ImagePreparer, InputSpec, Preparer
 from consumer.sqs import WorkQueue, resolve_dead_letter_url
 from consumer.weights import resolve_weights
+
+if TYPE_CHECKING:
+    from consumer.gpu_decode import GpuBatchDecoder
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +42,13 @@ class Runtime:
     objects: ObjectClient  # the hot path's GET, HEAD and conditional PUT (--s3-client)
     work_queue: WorkQueue
     backbone: Backbone
-    prepare: Preparer
+    prepare: Preparer  # the host decode path (all images, or the GPU decoder's fallbacks)
     settings: FeatureSettings
     fingerprint: str
     feature_shape: tuple[int, ...]
+    # --decode cuda: JPEGs decoded a micro-batch at a time on the device by the inference
+    # thread (the loader then only fetches); None on the host paths.
+    batch_decoder: GpuBatchDecoder | None = None
 
 
 def build_backbone(
@@ -66,22 +77,43 @@ def build_backbone(
         spec=spec,
         dtype=config.feature_dtype,
         precision=precision,
-        decode=config.decode,
+        decode=resolve_decode(config.decode, device),
     )
     return backbone, settings
 
 
-def build_preparer(config: Config, backbone: Backbone) -> Preparer:
-    """The decode path ``--decode`` names, with the configured limits."""
-    limits = DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes)
-    if config.decode == "cuda":
-        if backbone.device.type != "cuda":
-            raise ConfigError(
-                f"--decode cuda: needs a CUDA device, the model is on {backbone.device}"
-            )
-        from consumer.gpu_decode import TensorImagePreparer
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``--decode auto``: batched nvJPEG on a CUDA device, exact Pillow elsewhere."""
+    if decode == "auto":
+        return "cuda" if device.type == "cuda" else "pil"
+    return decode
 
-        return TensorImagePreparer(backbone.spec, limits, backbone.device)
+
+def build_batch_decoder(
+    config: Config, backbone: Backbone, host: Preparer
+) -> GpuBatchDecoder | None:
+    """``--decode cuda`` (the default on a CUDA device): the batched GPU decoder, whose
+    fallbacks (other formats, refused or damaged JPEGs) go to ``host``, on a thread pool."""
+    if resolve_decode(config.decode, backbone.device) != "cuda":
+        return None
+    if backbone.device.type != "cuda":
+        raise ConfigError(f"--decode cuda: needs a CUDA device, the model is on {backbone.device}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from consumer.gpu_decode import GpuBatchDecoder
+
+    return GpuBatchDecoder(
+        backbone.spec,
+        host.limits,
+        backbone.device,
+        host=cast("Callable[[bytes], np.ndarray]", host),  # the host paths return arrays
+        host_pool=ThreadPoolExecutor(config.decode_threads, thread_name_prefix="host-decode"),
+    )
+
+
+def build_preparer(config: Config, backbone: Backbone) -> Preparer:
+    """The host decode path: exact Pillow (or ``pil-draft``), in processes or threads."""
+    limits = DecodeLimits(max_pixels=config.max_pixels, max_bytes=config.max_image_bytes)
     draft = config.decode == "pil-draft"
     if config.decode_isolation == "threads":
         return ImagePreparer(backbone.spec, limits, draft=draft)
@@ -139,13 +171,15 @@ def build_runtime(
         log.info(
             "model warmed up", extra={"fields": {"seconds": round(time.monotonic() - started, 1)}}
         )
+    prepare = build_preparer(config, backbone)
     runtime = Runtime(
         config=config,
         clients=clients,
         objects=objects,
         work_queue=WorkQueue(clients.sqs, config.queue_url, dead_letter_url),
         backbone=backbone,
-        prepare=build_preparer(config, backbone),
+        prepare=prepare,
+        batch_decoder=build_batch_decoder(config, backbone, prepare),
         settings=settings,
         fingerprint=settings.fingerprint(),
         feature_shape=feature_shape,

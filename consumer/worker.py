@@ -92,6 +92,7 @@ class Worker:
             output_bucket=cfg.output.bucket,
             fingerprint=runtime.fingerprint,
             head_first=cfg.existing_check == "head" and not cfg.overwrite,
+            decode_on_device=runtime.batch_decoder is not None,
         )
         self.inference = Inference(
             backbone=runtime.backbone,
@@ -104,6 +105,7 @@ class Worker:
             halted=self.halted,
             receiving_stopped=self.receiving_stopped,
             nothing_coming=lambda: self.quarantine.solo_active,
+            batch_decoder=runtime.batch_decoder,
         )
         self.heartbeat = Heartbeat(
             work_queue=runtime.work_queue,

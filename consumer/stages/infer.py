@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from consumer.errors import TransientError, classify
+from consumer.gpu_decode import GpuBatchDecoder
 from consumer.inflight import InFlight
 from consumer.model import Backbone, PendingFeatures
 from consumer.stats import Stats
@@ -91,6 +92,7 @@ class Inference(threading.Thread):
         halted: threading.Event,
         receiving_stopped: threading.Event | None = None,
         nothing_coming: Callable[[], bool] | None = None,
+        batch_decoder: GpuBatchDecoder | None = None,
     ) -> None:
         super().__init__(name="infer", daemon=True)
         self.backbone = backbone
@@ -104,6 +106,7 @@ class Inference(threading.Thread):
         self.halted = halted
         self.receiving_stopped = receiving_stopped
         self.nothing_coming = nothing_coming
+        self.batch_decoder = batch_decoder
         self._good_batches = 0
 
     def run(self) -> None:
@@ -135,9 +138,15 @@ class Inference(threading.Thread):
         """Start ``batch`` on the device; OOM splits it (finishing the parts synchronously)."""
         started = time.monotonic()
         try:
-            pending = self.backbone.submit(
-                self.backbone.stack([task.pixels for task in batch if task.pixels is not None])
-            )
+            if self.batch_decoder is not None:
+                batch, pixels = self._decode_on_device(batch)
+                if not batch:
+                    return None
+            else:
+                pixels = self.backbone.stack(
+                    [task.pixels for task in batch if task.pixels is not None]
+                )
+            pending = self.backbone.submit(pixels)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 self._fail(batch, exc)
@@ -149,6 +158,19 @@ class Inference(threading.Thread):
         # The time the inference thread was busy on this batch, not the wall time to its
         # result: with one batch in flight behind another, the latter counts the other's work.
         return batch, pending, time.monotonic() - started
+
+    def _decode_on_device(self, batch: list[ImageTask]) -> tuple[list[ImageTask], torch.Tensor]:
+        """``--decode cuda``: the batch's bytes to device pixels; an image that cannot be
+        decoded fails alone with its own code, and the rest go on as a smaller batch."""
+        assert self.batch_decoder is not None
+        decoded = self.batch_decoder.decode([task.data or b"" for task in batch])
+        for index, failure in decoded.failures.items():
+            task = batch[index]
+            task.data = None
+            self.stats.image_failed(failure.error_code, permanent=failure.permanent)
+            self.inflight.failed(task, failure)
+        kept = [batch[index] for index in decoded.indices]
+        return kept, decoded.nhwc
 
     def _out_of_memory(self, batch: list[ImageTask]) -> None:
         if torch.cuda.is_available():
@@ -179,6 +201,7 @@ class Inference(threading.Thread):
         for task, row in zip(batch, features, strict=True):
             task.features = row
             task.pixels = None
+            task.data = None  # --decode cuda kept the bytes until the batch was done
             self.sink(task)
         self._grow()
 

@@ -41,6 +41,7 @@ class Loader:
         output_bucket: str,
         fingerprint: str,
         head_first: bool,
+        decode_on_device: bool = False,
     ) -> None:
         self.s3 = s3
         self.inflight = inflight
@@ -52,6 +53,9 @@ class Loader:
         self.output_bucket = output_bucket
         self.fingerprint = fingerprint
         self.head_first = head_first
+        # --decode cuda: the inference thread decodes whole micro-batches on the device, so
+        # the encoded bytes go straight to the batch queue.
+        self.decode_on_device = decode_on_device
         self.fetch_pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="fetch")
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
 
@@ -82,6 +86,8 @@ class Loader:
                 return None
         except Exception as exc:
             return self._fail(task, exc)
+        if self.decode_on_device:
+            return self._hand_over(task)
         self.decode_pool.submit(self._decode, task)
         return None
 
@@ -105,6 +111,10 @@ class Loader:
             task.data = None  # the encoded bytes are no longer needed: keep memory bounded
         except Exception as exc:
             return self._fail(task, exc)
+        return self._hand_over(task)
+
+    def _hand_over(self, task: ImageTask) -> None:
+        """To the batch queue; a full queue blocks here, which is how a slow model pushes back."""
         while not self.halted.is_set():
             try:
                 self.out.put(task, timeout=0.2)

@@ -28,7 +28,6 @@ from consumer.gpu_decode import (
     DeviceJob,
     GpuBatchDecoder,
     NvImgCodecDecoder,
-    TensorImagePreparer,
     TorchvisionDecoder,
     make_jpeg_decoder,
     orient,
@@ -600,28 +599,6 @@ def test_auto_is_torchvision_on_the_cpu() -> None:
 def test_nvimgcodec_on_the_cpu_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="nvimgcodec"):
         make_jpeg_decoder("nvimgcodec", CPU)
-
-
-# ---- the one-image adapter the decode threads use today --------------------------------------
-
-
-def test_tensor_preparer_returns_the_device_pixels_of_one_image() -> None:
-    data = VARIED_JPEGS["odd 333x251"]
-
-    pixels = TensorImagePreparer(_spec(), LIMITS, CPU)(data)
-
-    assert pixels.shape == (_spec().height, _spec().width, 3)
-    _assert_rounding_only(pixels.numpy(), _exact(_spec(), data))
-
-
-@pytest.mark.parametrize("name", sorted(BAD_CASES))
-def test_tensor_preparer_raises_the_exact_paths_code(name: str) -> None:
-    data, code = BAD_CASES[name]
-
-    with pytest.raises(PermanentError) as caught:
-        TensorImagePreparer(_spec(), LIMITS, CPU)(data)
-
-    assert caught.value.error_code == code
 
 
 # ---- on a real GPU --------------------------------------------------------------------------
