@@ -25,6 +25,7 @@ second signal skips it, see ``consumer.cli``):
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import sys
 import threading
@@ -169,7 +170,9 @@ class Worker:
         now = time.monotonic()
         if now < self.acker.redelivery_due:
             return 0.0  # a message this worker released with a delay is coming back
-        return min(receiver.idle_for(now) for receiver in self.receivers)
+        idle = min(receiver.idle_for(now) for receiver in self.receivers)
+        # All standing by: a receiver is between its reservation and its poll; not idle yet.
+        return 0.0 if math.isinf(idle) else idle
 
     def run(self) -> int:
         """Start, wait for a stop (signal, idle exit), stop gracefully; return the exit code."""

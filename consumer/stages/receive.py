@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -64,10 +65,19 @@ class Receiver(threading.Thread):
         # has not yet found the queue empty. --idle-exit counts from here, never from the last
         # message: a receiver held back by a full cap is working, not idle.
         self.empty_since: float | None = None
+        # Waiting for room that only other receivers' polls have reserved (nothing is held):
+        # such a receiver has nothing to say about the queue, and must not hold an idle exit
+        # back. Counting it as busy did: with three receivers and a cap of 6, one receiver
+        # reserved all 6 slots for each empty poll while the other two waited for room
+        # forever, and the worker never exited.
+        self.standing_by = False
         self.errors = 0
 
     def idle_for(self, now: float) -> float:
-        """Seconds in which every receive of this receiver came back empty (0 when busy)."""
+        """Seconds in which every receive of this receiver came back empty (0 when busy,
+        infinite while it stands by for room that other receivers' polls reserved)."""
+        if self.standing_by:
+            return math.inf
         since = self.empty_since
         return 0.0 if since is None else max(0.0, now - since)
 
@@ -80,8 +90,13 @@ class Receiver(threading.Thread):
                 continue
             room = self.inflight.reserve(BATCH, timeout=0.5)
             if room <= 0:
-                self.empty_since = None  # waiting for room: the worker is full of work
+                if self.inflight.empty():
+                    self.standing_by = True  # the room is reserved by other receivers' polls
+                else:
+                    self.standing_by = False
+                    self.empty_since = None  # waiting for room: the worker is full of work
                 continue
+            self.standing_by = False
             if self.receiving_stopped.is_set():
                 # Slots freed by the stop's own releases: receiving now would take messages
                 # this worker will never process (hidden until their visibility runs out).

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 from consumer.inflight import InFlight
-from consumer.stages.receive import Receiver
+from consumer.stages.receive import Receiver, build_tasks
 from consumer.stats import Stats
 from consumer.work import Message
 
@@ -118,23 +119,43 @@ def test_empty_receives_start_the_idle_clock_and_a_message_stops_it() -> None:
     assert receiver.idle_for(1e9) == 0.0
 
 
+def run_for_a_while(receiver: Receiver, stop: threading.Event) -> None:
+    receiver.start()
+    threading.Event().wait(1.2)  # longer than one 0.5 s wait for room
+    stop.set()
+    receiver.join(timeout=5)
+
+
 def test_a_receiver_waiting_for_room_under_the_cap_is_busy_not_idle() -> None:
-    # GIVEN a receiver that found the queue empty once, and an in-flight cap that is full
+    # GIVEN a receiver that found the queue empty once, and an in-flight cap full of held work
     stop = threading.Event()
     receiver = receiver_for(Scripted([], stop), stop, limit=1)
     receiver.empty_since = 0.0
-    assert receiver.inflight.reserve(1, timeout=0) == 1  # another receive holds the only slot
+    held = Message("m", "h", '{"bucket": "b", "key": "k"}', 1, 0.0, 300.0)
+    build_tasks(held, "v1/")
+    assert receiver.inflight.register(held)
 
     # WHEN it runs for a while, unable to get room
-    receiver.start()
-    deadline = threading.Event()
-    deadline.wait(1.2)  # longer than one 0.5 s wait for room
-    stop.set()
-    receiver.join(timeout=5)
+    run_for_a_while(receiver, stop)
 
     # THEN it counts as busy: its idle clock is not running
     assert receiver.empty_since is None
     assert receiver.idle_for(1e9) == 0.0
+
+
+def test_a_receiver_whose_room_other_polls_reserved_does_not_hold_the_idle_exit_back() -> None:
+    # GIVEN a receiver that never polled, and a cap that another receiver's poll reserved whole
+    # while nothing is held (three receivers, a cap of 6: one empty poll after another)
+    stop = threading.Event()
+    receiver = receiver_for(Scripted([], stop), stop, limit=6)
+    assert receiver.inflight.reserve(10, timeout=0) == 6
+
+    # WHEN it runs for a while, unable to get room
+    run_for_a_while(receiver, stop)
+
+    # THEN it stands by: the polling receiver's idle clock decides, not this one's
+    assert receiver.standing_by
+    assert receiver.idle_for(1e9) == math.inf
 
 
 def test_a_failed_receive_does_not_start_the_idle_clock() -> None:
