@@ -37,6 +37,19 @@ import psutil
 
 NATIVE_GROUP = "model-native"
 """Threads without a Python object: torch's intra-op workers (counted as model CPU)."""
+S3_NATIVE_GROUP = "s3-native"
+"""obstore's Rust I/O threads (tokio, no Python object either): S3 work, not the model's."""
+
+
+def native_group(tid: int) -> str:
+    """The group of a thread Python does not know, by its kernel name: tokio's workers (the
+    native S3 client) are named ``tokio-rt-worker``, torch's are named after the process."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as comm:
+            name = comm.read().strip()
+    except OSError:  # gone, or not Linux
+        return NATIVE_GROUP
+    return S3_NATIVE_GROUP if name.startswith("tokio") else NATIVE_GROUP
 
 
 class ModelClock:
@@ -203,8 +216,10 @@ class CpuMeter:
             delta = seconds - begin.threads.get(tid, 0.0)
             if tid in python_ids:
                 by_group[thread_group(end.names.get(tid) or begin.names[tid])] += delta
-            else:
+            elif (group := native_group(tid)) == NATIVE_GROUP:
                 native += delta
+            else:
+                by_group[group] += delta
         by_group[NATIVE_GROUP] += native
         process = end.process - begin.process
         # Threads that exited during the interval, and /proc's 10 ms tick rounding per thread.

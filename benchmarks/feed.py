@@ -200,8 +200,9 @@ def _run_window(
     from benchmarks import throughput as tp
     from consumer.worker import Worker
 
-    worker = Worker(runtime)
     counter = tp.RequestCounter(runtime.clients.s3, runtime.clients.sqs)
+    runtime = counter.counting(runtime)  # a few µs per image: one Python call per S3 request
+    worker = Worker(runtime)
     thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
     timeout = max(300.0, 2.0 * total)
     deadline = time.monotonic() + timeout
@@ -276,6 +277,7 @@ def _run_window(
             "precision": runtime.backbone.precision,
             "batch_size": runtime.config.batch_size,
             "decode": runtime.config.decode,
+            "s3_client": runtime.objects.name,
             "warm_up_images": warm,
             "outside_model_cpu_ms_per_image_by_stage": dict(sorted(by_thread.items())),
             "gil_ms_per_image": gil_ms,
@@ -301,8 +303,8 @@ def format_feed(row: dict[str, Any]) -> str:
     gil = ", ".join(f"{k} {v}" for k, v in row["gil_ms_per_image_by_thread"].items())
     lines = [
         f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']},"
-        f" decode {row['decode']}), {row['images']} 500x375 JPEGs after {row['warm_up_images']}"
-        " warm-up, SQS+S3 on moto",
+        f" decode {row['decode']}, S3 client {row['s3_client']}), {row['images']} 500x375 JPEGs"
+        f" after {row['warm_up_images']} warm-up, SQS+S3 on moto",
         f"feed: {row['images_per_s']} images/s (wall-clock); CPU outside the model "
         f"{row['outside_model_cpu_ms_per_image']} ms/image (CPU time): {stages}",
         f"feed: GIL held {row['gil_ms_per_image']} ms/image by this process ({row['gil_method']},"

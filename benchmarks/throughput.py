@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -584,6 +585,37 @@ class RequestCounter:
     def per_image(self, n: int) -> dict[str, float]:
         return {name: round(count / n, 3) for name, count in sorted(self.counts.items())}
 
+    def tally(self, name: str) -> None:
+        if self.on:
+            with self._lock:
+                self.counts[name] += 1
+
+    def counting(self, runtime: Any) -> Any:
+        """``runtime`` with its object client counted too: the hot path's GET, HEAD and PUT go
+        through obstore (native code, no botocore events) under ``--s3-client auto``."""
+        return dataclasses.replace(runtime, objects=CountedObjects(runtime.objects, self))
+
+
+class CountedObjects:
+    """An object client whose calls are tallied under S3's operation names."""
+
+    def __init__(self, inner: Any, counter: RequestCounter) -> None:
+        self.inner = inner
+        self.counter = counter
+        self.name = inner.name
+
+    def get(self, bucket: str, key: str, *, max_bytes: int) -> Any:
+        self.counter.tally("GetObject")
+        return self.inner.get(bucket, key, max_bytes=max_bytes)
+
+    def head(self, bucket: str, key: str) -> Any:
+        self.counter.tally("HeadObject")
+        return self.inner.head(bucket, key)
+
+    def put(self, bucket: str, key: str, body: bytes, **options: Any) -> None:
+        self.counter.tally("PutObject")
+        self.inner.put(bucket, key, body, **options)
+
 
 def consumer_argv(args: argparse.Namespace, batch_size: int, queue: str, dlq: str) -> list[str]:
     argv = [
@@ -616,6 +648,7 @@ def measure_end_to_end(
     n = len(images.keys)
     _enqueue(sqs, runtime.config.queue_url, images.keys)
     counter = RequestCounter(runtime.clients.s3, runtime.clients.sqs)
+    runtime = counter.counting(runtime)
     runtime.backbone.warm_up(runtime.config.batch_size)
     worker = Worker(runtime)
     thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
@@ -960,7 +993,12 @@ def run_main(
                 backbone = runtime.backbone
             else:
                 backbone, _ = build_backbone(config)
-            preparer = build_preparer(config, backbone)
+            # The compute rows compare their own decode pools (threads, spawned processes)
+            # around the plain Pillow preparer; the consumer's crash-isolated decode processes
+            # are measured end to end (the e2e and feed rows).
+            preparer = build_preparer(
+                dataclasses.replace(config, decode_isolation="threads"), backbone
+            )
             clock.attach(backbone)
             setup = {
                 "model": args.model,

@@ -44,7 +44,10 @@ def test_cpu_set_runs_every_row_and_writes_json_and_table(
     # AND the feed row has its stages, its GIL figures and a ceiling per instance
     feed = rows["feed"]["result"]
     assert feed["model"] == "test_vit" and feed["images"] >= 60
-    assert {"decode", "fetch", "write"} <= set(feed["outside_model_cpu_ms_per_image_by_stage"])
+    stages = set(feed["outside_model_cpu_ms_per_image_by_stage"])
+    # (obstore does the S3 work in its own native threads, not in the fetch and write threads)
+    s3_stages = {"s3-native"} if feed["s3_client"] == "obstore" else {"fetch", "write"}
+    assert {"decode", *s3_stages} <= stages and "model-native" not in stages
     assert feed["gil_method"] in {"py-spy", "probe"}
     assert 0 < feed["gil_on_cpu_ms_per_image"] <= feed["gil_ms_per_image"]
     assert [r["instance"] for r in feed["ceilings"]["rows"]] == [i.name for i in INSTANCES]
