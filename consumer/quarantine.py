@@ -10,10 +10,16 @@ them all to the dead-letter queue without a reason. So:
   did not release itself. It runs alone: the receiver waits until nothing else is in flight,
   runs it, and receives nothing more until it is settled.
 - Before a suspect runs alone, a marker object is written under the output prefix
-  (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. A suspect
-  whose marker is still there died *alone* with the consumer: that is proof, not suspicion, and it
-  goes to the dead-letter queue with ``error-code`` ``crashed`` instead of running again. With
-  ``maxReceiveCount`` 3 that is its third receive, one before SQS would move it without a reason.
+  (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. Its
+  body counts the times the message was running alone when a consumer died. A suspect whose
+  marker is still there died *alone* with the consumer. Once is strong evidence but not proof:
+  a Spot reclaim without notice, a SIGKILL or an OOM kill caused by something else can land
+  during a good image's solo run. So it runs alone once more, unless this receive is its last
+  before SQS would move it to the dead-letter queue without a reason (``receive count >=
+  maxReceiveCount``); a second death alone, or the first at that last receive, sends it to the
+  dead-letter queue with ``error-code`` ``crashed`` instead of running again. With
+  ``maxReceiveCount`` 3 a poison message costs three consumer deaths; with the stack's default
+  of 5, a good image is dead-lettered only if consumers die twice while it runs alone.
 - After a start (which may follow a crash) and after any suspect, the receivers are *careful*:
   they receive one message at a time, so that suspects arrive one by one instead of ten held
   together, until ``CAREFUL_STREAK`` fresh messages in a row show the redeliveries are over.
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # Fresh messages in a row after which the receivers go back to full receives.
 CAREFUL_STREAK = 20
+# Deaths alone after which a message is dead-lettered as ``crashed`` (earlier at its last receive).
+DEATHS_TO_CONVICT = 2
 MARKERS = "_bottleneck/running/"
 
 
@@ -135,22 +143,36 @@ class Quarantine:
     def marker_key(self, message: Message) -> str:
         return self.prefix + message.message_id
 
-    def died_alone(self, message: Message) -> bool:
-        """Whether ``message`` was running alone when a consumer died (its marker is there)."""
+    def deaths_alone(self, message: Message) -> int:
+        """How many times a consumer died while ``message`` ran alone: its marker's count plus
+        the death that left the marker there; 0 without a marker."""
         try:
-            aws.call(self.s3.head_object, Bucket=self.bucket, Key=self.marker_key(message))
+            response = aws.call(
+                self.s3.get_object, Bucket=self.bucket, Key=self.marker_key(message)
+            )
+            body = response["Body"].read()
         except Exception as exc:
             if aws.error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
-                return False
+                return 0
             raise
-        return True
+        try:
+            return int(body) + 1
+        except ValueError:  # unreadable: the marker itself is the evidence of one death
+            return 1
 
-    def mark_running(self, message: Message) -> None:
+    def convicted(self, message: Message, deaths: int) -> bool:
+        """Whether ``deaths`` alone send ``message`` to the dead-letter queue as ``crashed``."""
+        if deaths >= DEATHS_TO_CONVICT:
+            return True
+        last_receive = self.max_receives is not None and message.receive_count >= self.max_receives
+        return deaths >= 1 and last_receive
+
+    def mark_running(self, message: Message, deaths: int) -> None:
         aws.call(
             self.s3.put_object,
             Bucket=self.bucket,
             Key=self.marker_key(message),
-            Body=str(message.receive_count).encode(),
+            Body=str(deaths).encode(),
             ContentType="text/plain",
         )
 
@@ -164,10 +186,11 @@ class Quarantine:
                 extra={"fields": {"key": self.marker_key(message)}},
             )
 
-    def crashed_detail(self, message: Message) -> str:
+    def crashed_detail(self, message: Message, deaths: int) -> str:
         limit = f" (maxReceiveCount {self.max_receives})" if self.max_receives else ""
+        times = "once" if deaths == 1 else f"{deaths} times"
         return (
-            f"the consumer died while it processed this message alone; receive "
+            f"the consumer died {times} while it processed this message alone; receive "
             f"{message.receive_count}{limit}"
         )
 

@@ -162,25 +162,26 @@ class Receiver(threading.Thread):
             )
 
     def _run_alone(self, message: Message, quarantine: Quarantine) -> None:
-        """A suspect (see :mod:`consumer.quarantine`): dead-lettered as ``crashed`` if it died
-        alone before, else run with nothing else in flight, behind a marker."""
+        """A suspect (see :mod:`consumer.quarantine`): dead-lettered as ``crashed`` if consumers
+        died while it ran alone (twice, or once by its last receive), else run with nothing else
+        in flight, behind a marker that counts those deaths."""
         with quarantine.solo():
             self._quarantined(message, quarantine)
 
     def _quarantined(self, message: Message, quarantine: Quarantine) -> None:
         try:
-            died = quarantine.died_alone(message)
+            deaths = quarantine.deaths_alone(message)
         except Exception as exc:  # cannot tell: run it alone, which is always safe
             log.warning("quarantine marker check failed", exc_info=exc)
-            died = False
-        if died:
+            deaths = 0
+        if quarantine.convicted(message, deaths):
             log.warning(
                 "a message that crashed the consumer alone: dead-lettered",
-                extra={"fields": {"message_id": message.message_id}},
+                extra={"fields": {"message_id": message.message_id, "deaths_alone": deaths}},
             )
             message.images = []
             message.malformed = Failure(
-                "crashed", quarantine.crashed_detail(message), permanent=True
+                "crashed", quarantine.crashed_detail(message, deaths), permanent=True
             )
             self.inflight.register(message)  # no images: settles (dead-letter) at once
             quarantine.unmark(message)
@@ -198,7 +199,7 @@ class Receiver(threading.Thread):
                 if self.receiving_stopped.wait(0.02):
                     return
             try:
-                quarantine.mark_running(message)
+                quarantine.mark_running(message, deaths)
             except Exception as exc:  # run it all the same: alone is what counts
                 log.warning("could not write a quarantine marker", exc_info=exc)
             log.info(
@@ -207,6 +208,7 @@ class Receiver(threading.Thread):
                     "fields": {
                         "message_id": message.message_id,
                         "receive_count": message.receive_count,
+                        "deaths_alone": deaths,
                     }
                 },
             )

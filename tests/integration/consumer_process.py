@@ -12,6 +12,8 @@ from typing import Any
 
 import boto3
 
+from consumer.quarantine import MARKERS
+
 CONSUMER = str(Path(sys.executable).with_name("bottleneck-consumer"))
 REGION = "us-east-1"
 
@@ -80,12 +82,20 @@ class Endpoint:
         )
 
     def versions(self) -> dict[str, int]:
+        """Versions of each key in the features bucket, but for the quarantine's markers (a
+        redelivered message runs alone behind one; a consumer killed meanwhile leaves it)."""
         pages = self.s3.get_paginator("list_object_versions").paginate(Bucket=self.features)
         out: dict[str, int] = {}
         for page in pages:
             for version in page.get("Versions", []):
-                out[version["Key"]] = out.get(version["Key"], 0) + 1
+                if not version["Key"].startswith(f"v1/{MARKERS}"):
+                    out[version["Key"]] = out.get(version["Key"], 0) + 1
         return out
+
+    def markers(self) -> list[str]:
+        """The quarantine markers still in the features bucket."""
+        listed = self.s3.list_objects_v2(Bucket=self.features, Prefix=f"v1/{MARKERS}")
+        return [item["Key"] for item in listed.get("Contents", [])]
 
     def start(self, *extra: str, log: Path | None = None) -> subprocess.Popen[bytes]:
         """A consumer process with a tiny model; its log goes to ``log`` (or is discarded)."""

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import threading
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError
 
 from consumer.quarantine import CAREFUL_STREAK, Quarantine, is_suspect
 from consumer.work import Message
@@ -12,8 +17,65 @@ def message(message_id: str, receive_count: int = 1) -> Message:
     return Message(message_id, "h", "{}", receive_count, 0.0, 60.0)
 
 
-def quarantine() -> Quarantine:
-    return Quarantine(s3=None, bucket="feats", prefix="v1/", max_receives=3)
+def quarantine(s3: Any = None, max_receives: int | None = 3) -> Quarantine:
+    return Quarantine(s3=s3, bucket="feats", prefix="v1/", max_receives=max_receives)
+
+
+class MarkerStore:
+    """Just enough of S3 for the markers: put, get (404 when absent), delete."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_object(self, **call: Any) -> dict[str, Any]:
+        self.objects[call["Key"]] = call["Body"]
+        return {}
+
+    def get_object(self, **call: Any) -> dict[str, Any]:
+        if call["Key"] not in self.objects:
+            raise ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject")
+        return {"Body": io.BytesIO(self.objects[call["Key"]])}
+
+    def delete_object(self, **call: Any) -> dict[str, Any]:
+        self.objects.pop(call["Key"], None)
+        return {}
+
+
+def test_the_marker_counts_the_deaths_of_consumers_while_a_message_ran_alone() -> None:
+    # GIVEN a suspect that never ran alone, and an empty marker store
+    store = MarkerStore()
+    q = quarantine(store, max_receives=5)
+    suspect = message("poison", receive_count=2)
+    assert q.deaths_alone(suspect) == 0
+
+    # WHEN it runs alone and the consumer dies (the marker stays), twice
+    q.mark_running(suspect, 0)
+    after_one = q.deaths_alone(suspect)
+    q.mark_running(suspect, after_one)
+    after_two = q.deaths_alone(suspect)
+
+    # THEN each redelivery sees one more death; a settled run removes the marker
+    assert (after_one, after_two) == (1, 2)
+    assert store.objects == {"v1/_bottleneck/running/poison": b"1"}
+    q.unmark(suspect)
+    assert q.deaths_alone(suspect) == 0
+
+
+@pytest.mark.parametrize(
+    ("deaths", "receive_count", "max_receives", "convicted"),
+    [
+        (0, 4, 5, False),  # never died alone: runs alone
+        (1, 3, 5, False),  # one death alone may be a Spot reclaim or a SIGKILL: once more
+        (2, 4, 5, True),  # twice alone: crashed
+        (1, 3, 3, True),  # once alone at its last receive: SQS would move it without a reason
+        (1, 5, None, False),  # no redrive policy known: only the second death convicts
+    ],
+)
+def test_crashed_after_two_deaths_alone_or_one_at_the_last_receive(
+    deaths: int, receive_count: int, max_receives: int | None, convicted: bool
+) -> None:
+    q = quarantine(max_receives=max_receives)
+    assert q.convicted(message("m", receive_count), deaths) is convicted
 
 
 def test_a_fresh_start_receives_one_at_a_time_until_a_streak_of_fresh_messages() -> None:
