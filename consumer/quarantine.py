@@ -17,9 +17,10 @@ them all to the dead-letter queue without a reason. So:
   during a good image's solo run. So it runs alone once more, unless this receive is its last
   before SQS would move it to the dead-letter queue without a reason (``receive count >=
   maxReceiveCount``); a second death alone, or the first at that last receive, sends it to the
-  dead-letter queue with ``error-code`` ``crashed`` instead of running again. With
-  ``maxReceiveCount`` 3 a poison message costs three consumer deaths; with the stack's default
-  of 5, a good image is dead-lettered only if consumers die twice while it runs alone.
+  dead-letter queue with ``error-code`` ``crashed`` instead of running again. A poison message
+  thus costs two consumer deaths (one among its neighbours, one alone) with ``maxReceiveCount``
+  3, three with the stack's default of 5, where a good image is dead-lettered only if consumers
+  die twice while it runs alone.
 - After a start (which may follow a crash) and after any suspect, the receivers are *careful*:
   they receive one message at a time, so that suspects arrive one by one instead of ten held
   together, until ``CAREFUL_STREAK`` fresh messages in a row show the redeliveries are over.
