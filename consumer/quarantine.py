@@ -76,6 +76,8 @@ class Quarantine:
         # One suspect runs at a time; the others wait, registered, for their turn.
         self._turn = threading.Lock()
         self._waiting: set[str] = set()
+        # While careful, one receiver polls at a time (see :meth:`polling`).
+        self._poll = threading.Lock()
 
     # --- turns ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -120,6 +122,27 @@ class Quarantine:
             return all(m is running or m.settled or m.message_id in self._waiting for m in held)
 
     # --- how to receive ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def polling(self) -> Iterator[bool]:
+        """Whether the caller may poll now; while careful, one receiver polls at a time and
+        none while a suspect waits or runs, the poll and the suspect's whole run being one turn.
+
+        Concurrent careful polls let a second suspect (or fresh messages) be received while a
+        first ran alone: when the first crashed the consumer, the second had spent a receive
+        without running, and with ``maxReceiveCount`` 3 good images and poison alike reached
+        the dead-letter queue without a reason.
+        """
+        if not self.careful:
+            yield True
+            return
+        if not self._poll.acquire(timeout=0.05):
+            yield False  # another receiver is polling carefully, or running what it got
+            return
+        try:
+            yield not self.solo_active
+        finally:
+            self._poll.release()
+
     def receive_size(self, room: int) -> int:
         with self._lock:
             return min(room, 1) if self._careful else room

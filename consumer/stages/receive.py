@@ -103,7 +103,15 @@ class Receiver(threading.Thread):
                 self.inflight.unreserve(room)
                 break
             try:
-                self._poll(room)
+                if self.quarantine is None:
+                    self._poll(room)
+                else:
+                    with self.quarantine.polling() as turn:
+                        # Without a turn this receiver stands by: the one polling speaks for
+                        # the queue (and holds the idle exit back while it runs a suspect).
+                        self.standing_by = not turn
+                        if turn:
+                            self._poll(room)
             finally:
                 # Registered messages now count as images; the reservation is no longer needed.
                 self.inflight.unreserve(room)

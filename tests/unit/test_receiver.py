@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any
 
 from consumer.inflight import InFlight
+from consumer.quarantine import Quarantine
 from consumer.stages.receive import Receiver, build_tasks
 from consumer.stats import Stats
 from consumer.work import Message
+from tests.unit.test_quarantine import MarkerStore
 
 
 class StopDuringReceive:
@@ -169,3 +172,84 @@ def test_a_failed_receive_does_not_start_the_idle_clock() -> None:
 
     # THEN that says nothing about the queue being empty: not idle
     assert receiver.empty_since is None
+
+
+class SuspectsTwice:
+    """A work queue that returns one suspect to each of its first two receives, and records
+    any receive that returned while another receive was under way or a suspect was unsettled."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.under_way = 0
+        self.suspects: list[Message] = []
+        self.second_started = threading.Event()
+        self.overlaps: list[str] = []
+
+    def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
+        with self.lock:
+            self.calls += 1
+            call, self.under_way = self.calls, self.under_way + 1
+        if call == 1:
+            # Give a second receiver the chance to poll at the same time, as SQS would.
+            self.second_started.wait(timeout=0.5)
+        elif call == 2:
+            self.second_started.set()
+        elif call > 30:
+            self.stop.set()
+        time.sleep(0.01)
+        with self.lock:
+            self.under_way -= 1
+            unsettled = [m.message_id for m in self.suspects if not m.settled]
+            if self.under_way or unsettled:
+                self.overlaps.append(f"receive {call}: {self.under_way} under way, {unsettled}")
+            if call > 2:
+                return []
+            suspect = Message(f"s{call}", "h", '{"bucket": "b", "key": "k"}', 2, 0.0, 300.0)
+            self.suspects.append(suspect)
+            return [suspect]
+
+    def change_visibility(self, messages: list[Message], seconds: int) -> list[Message]:
+        return []
+
+
+def test_careful_receivers_take_turns_so_nothing_is_received_beside_a_suspect() -> None:
+    # GIVEN two careful receivers (a fresh start) sharing a quarantine, whose first two polls
+    # return a suspect each, and a pipeline that settles an image 0.2 s after it is dispatched
+    stop = threading.Event()
+    work_queue = SuspectsTwice(stop)
+    inflight = InFlight(40, lambda action: None)
+    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
+
+    def dispatch(task: Any) -> None:
+        threading.Timer(0.2, inflight.done, (task, "written")).start()
+
+    receivers = [
+        Receiver(
+            f"receive-{i}",
+            work_queue=work_queue,  # type: ignore[arg-type]
+            inflight=inflight,
+            dispatch=dispatch,
+            output_prefix="v1/",
+            visibility=300,
+            wait_seconds=1,
+            stats=Stats(),
+            receiving_stopped=stop,
+            quarantine=quarantine,
+        )
+        for i in range(2)
+    ]
+
+    # WHEN they run until the script ends
+    for receiver in receivers:
+        receiver.start()
+    for receiver in receivers:
+        receiver.join(timeout=20)
+
+    # THEN both suspects ran, and no receive returned while another was under way or while a
+    # suspect was held: a consumer crash during a suspect's solo run costs no other message a
+    # receive (with maxReceiveCount 3, good images were dead-lettered without a reason so)
+    assert not any(receiver.is_alive() for receiver in receivers)
+    assert [m.settled for m in work_queue.suspects] == [True, True]
+    assert work_queue.overlaps == []
