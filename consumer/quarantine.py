@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from consumer import aws
@@ -69,6 +69,8 @@ class Quarantine:
         self.max_receives = max_receives
         self._lock = threading.Lock()
         self._careful = True
+        # Careful and a suspect seen since: receive only with nothing unsettled in flight.
+        self._serial = False
         self._streak = 0
         # Suspects waiting for the pipeline to drain or running alone: while there is one, no
         # receiver receives, so nothing new joins it in flight.
@@ -123,23 +125,29 @@ class Quarantine:
 
     # --- how to receive ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def polling(self) -> Iterator[bool]:
-        """Whether the caller may poll now; while careful, one receiver polls at a time and
-        none while a suspect waits or runs, the poll and the suspect's whole run being one turn.
+    def polling(self, held: Callable[[], list[Message]]) -> Iterator[bool]:
+        """Whether the caller may poll now. While careful, one receiver polls at a time (the
+        poll and a suspect's whole run are one turn); once a suspect has been seen, receiving
+        is serial too: a poll waits until everything ``held`` in flight is settled.
 
-        Concurrent careful polls let a second suspect (or fresh messages) be received while a
-        first ran alone: when the first crashed the consumer, the second had spent a receive
-        without running, and with ``maxReceiveCount`` 3 good images and poison alike reached
-        the dead-letter queue without a reason.
+        A message received beside unsettled work spends a receive if that work crashes the
+        consumer: a suspect received while another ran alone, or while a fresh poison image
+        decoded, came back without having run alone, and with ``maxReceiveCount`` 3 good
+        images and poison alike reached the dead-letter queue without a reason. Serial
+        receives cost a little: they last until ``CAREFUL_STREAK`` fresh messages in a row
+        (each waits ``--max-wait-ms`` for a batch of one), and only where redeliveries come.
         """
-        if not self.careful:
+        with self._lock:
+            careful, serial = self._careful, self._serial
+        if not careful:
             yield True
             return
         if not self._poll.acquire(timeout=0.05):
             yield False  # another receiver is polling carefully, or running what it got
             return
         try:
-            yield not self.solo_active
+            settled = not serial or all(m.settled for m in held())
+            yield settled and not self.solo_active
         finally:
             self._poll.release()
 
@@ -151,11 +159,11 @@ class Quarantine:
         """Update the careful state after a receive."""
         with self._lock:
             if any(is_suspect(m) for m in messages):
-                self._careful, self._streak = True, 0
+                self._careful, self._serial, self._streak = True, True, 0
                 return
             self._streak += len(messages)
             if self._careful and self._streak >= CAREFUL_STREAK:
-                self._careful = False
+                self._careful = self._serial = False
                 log.info("no more redeliveries seen; receiving in full batches again")
 
     @property

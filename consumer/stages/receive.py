@@ -106,12 +106,14 @@ class Receiver(threading.Thread):
                 if self.quarantine is None:
                     self._poll(room)
                 else:
-                    with self.quarantine.polling() as turn:
+                    with self.quarantine.polling(self.inflight.held) as turn:
                         # Without a turn this receiver stands by: the one polling speaks for
-                        # the queue (and holds the idle exit back while it runs a suspect).
+                        # the queue, and held work holds the idle exit back by itself.
                         self.standing_by = not turn
                         if turn:
                             self._poll(room)
+                    if not turn:
+                        self.receiving_stopped.wait(0.01)
             finally:
                 # Registered messages now count as images; the reservation is no longer needed.
                 self.inflight.unreserve(room)

@@ -253,3 +253,63 @@ def test_careful_receivers_take_turns_so_nothing_is_received_beside_a_suspect() 
     assert not any(receiver.is_alive() for receiver in receivers)
     assert [m.settled for m in work_queue.suspects] == [True, True]
     assert work_queue.overlaps == []
+
+
+class AfterASuspect:
+    """A work queue that returns a suspect, then one fresh message per receive, and records the
+    receives made while a message it returned was still unsettled."""
+
+    def __init__(self, stop: threading.Event, count: int) -> None:
+        self.stop = stop
+        self.count = count
+        self.returned: list[Message] = []
+        self.beside_unsettled: list[int] = []
+
+    def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
+        unsettled = [m for m in self.returned if not m.settled]
+        if unsettled:
+            self.beside_unsettled.append(len(self.returned) + 1)
+        if len(self.returned) >= self.count:
+            self.stop.set()
+            return []
+        # The first is a redelivery (a suspect): from then on the receiver receives serially.
+        count = 1 if self.returned else 2
+        message = Message(
+            f"f{len(self.returned)}", "h", '{"bucket": "b", "key": "k"}', count, 0.0, 60.0
+        )
+        self.returned.append(message)
+        return [message]
+
+    def change_visibility(self, messages: list[Message], seconds: int) -> list[Message]:
+        return []
+
+
+def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled() -> None:
+    # GIVEN a careful receiver that gets a suspect, then fresh messages, and a pipeline that
+    # settles an image 0.1 s after it is dispatched
+    stop = threading.Event()
+    work_queue = AfterASuspect(stop, count=6)
+    inflight = InFlight(40, lambda action: None)
+    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
+    receiver = Receiver(
+        "receive-0",
+        work_queue=work_queue,  # type: ignore[arg-type]
+        inflight=inflight,
+        dispatch=lambda task: threading.Timer(0.1, inflight.done, (task, "written")).start(),
+        output_prefix="v1/",
+        visibility=300,
+        wait_seconds=1,
+        stats=Stats(),
+        receiving_stopped=stop,
+        quarantine=quarantine,
+    )
+
+    # WHEN it runs through them
+    receiver.start()
+    receiver.join(timeout=20)
+
+    # THEN it received each only once the one before was settled: were the fresh one poison,
+    # nothing else (a suspect above all) would have spent a receive beside it
+    assert not receiver.is_alive()
+    assert [m.settled for m in work_queue.returned] == [True] * 6
+    assert work_queue.beside_unsettled == []
