@@ -22,8 +22,10 @@ them all to the dead-letter queue without a reason. So:
   3, three with the stack's default of 5, where a good image is dead-lettered only if consumers
   die twice while it runs alone.
 - After a start (which may follow a crash) and after any suspect, the receivers are *careful*:
-  they receive one message at a time, so that suspects arrive one by one instead of ten held
-  together, until ``CAREFUL_STREAK`` fresh messages in a row show the redeliveries are over.
+  they receive one message at a time, one receiver at a time, so that suspects arrive one by
+  one instead of ten held together, until ``CAREFUL_STREAK`` fresh messages in a row show the
+  redeliveries are over. Once a suspect has been seen they also wait, before each receive,
+  until everything in flight is settled (see :meth:`Quarantine.polling`).
 """
 
 from __future__ import annotations
