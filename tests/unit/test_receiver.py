@@ -214,21 +214,19 @@ class SuspectsTwice:
         return []
 
 
-def test_careful_receivers_take_turns_so_nothing_is_received_beside_a_suspect() -> None:
-    # GIVEN two careful receivers (a fresh start) sharing a quarantine, whose first two polls
-    # return a suspect each, and a pipeline that settles an image 0.2 s after it is dispatched
-    stop = threading.Event()
-    work_queue = SuspectsTwice(stop)
+def careful_receivers(work_queue: Any, stop: threading.Event, n: int, settle_s: float) -> list[Any]:
+    """``n`` receivers sharing a fresh quarantine (careful, as after a start) and a pipeline
+    that settles each image ``settle_s`` after it is dispatched; started and run to the stop."""
     inflight = InFlight(40, lambda action: None)
     quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
 
     def dispatch(task: Any) -> None:
-        threading.Timer(0.2, inflight.done, (task, "written")).start()
+        threading.Timer(settle_s, inflight.done, (task, "written")).start()
 
     receivers = [
         Receiver(
             f"receive-{i}",
-            work_queue=work_queue,  # type: ignore[arg-type]
+            work_queue=work_queue,
             inflight=inflight,
             dispatch=dispatch,
             output_prefix="v1/",
@@ -238,14 +236,22 @@ def test_careful_receivers_take_turns_so_nothing_is_received_beside_a_suspect() 
             receiving_stopped=stop,
             quarantine=quarantine,
         )
-        for i in range(2)
+        for i in range(n)
     ]
-
-    # WHEN they run until the script ends
     for receiver in receivers:
         receiver.start()
     for receiver in receivers:
         receiver.join(timeout=20)
+    return receivers
+
+
+def test_careful_receivers_take_turns_so_nothing_is_received_beside_a_suspect() -> None:
+    # GIVEN two careful receivers (a fresh start) whose first two polls return a suspect each
+    stop = threading.Event()
+    work_queue = SuspectsTwice(stop)
+
+    # WHEN they run until the script ends, the pipeline settling an image in 0.2 s
+    receivers = careful_receivers(work_queue, stop, n=2, settle_s=0.2)
 
     # THEN both suspects ran, and no receive returned while another was under way or while a
     # suspect was held: a consumer crash during a suspect's solo run costs no other message a
@@ -285,31 +291,15 @@ class AfterASuspect:
 
 
 def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled() -> None:
-    # GIVEN a careful receiver that gets a suspect, then fresh messages, and a pipeline that
-    # settles an image 0.1 s after it is dispatched
+    # GIVEN a careful receiver that gets a suspect, then fresh messages
     stop = threading.Event()
     work_queue = AfterASuspect(stop, count=6)
-    inflight = InFlight(40, lambda action: None)
-    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
-    receiver = Receiver(
-        "receive-0",
-        work_queue=work_queue,  # type: ignore[arg-type]
-        inflight=inflight,
-        dispatch=lambda task: threading.Timer(0.1, inflight.done, (task, "written")).start(),
-        output_prefix="v1/",
-        visibility=300,
-        wait_seconds=1,
-        stats=Stats(),
-        receiving_stopped=stop,
-        quarantine=quarantine,
-    )
 
-    # WHEN it runs through them
-    receiver.start()
-    receiver.join(timeout=20)
+    # WHEN it runs through them, the pipeline settling an image in 0.1 s
+    receivers = careful_receivers(work_queue, stop, n=1, settle_s=0.1)
 
     # THEN it received each only once the one before was settled: were the fresh one poison,
     # nothing else (a suspect above all) would have spent a receive beside it
-    assert not receiver.is_alive()
+    assert not receivers[0].is_alive()
     assert [m.settled for m in work_queue.returned] == [True] * 6
     assert work_queue.beside_unsettled == []
