@@ -84,3 +84,28 @@ def test_rows_flag_rejects_an_unknown_row(capsys: pytest.CaptureFixture[str]) ->
         throughput.parse_args(["--rows", "feed,nope"])
     assert exit_info.value.code == 2
     assert "--rows: unknown ['nope']" in capsys.readouterr().err
+
+
+def test_obstores_native_io_threads_count_as_s3_work_and_other_native_threads_as_the_model() -> (
+    None
+):
+    # GIVEN obstore's runtime started (its I/O threads have no Python object, like torch's)
+    import os
+    import threading
+
+    import obstore
+    from obstore.store import MemoryStore
+
+    from benchmarks.accounting import NATIVE_GROUP, S3_NATIVE_GROUP, native_group
+
+    store = MemoryStore()
+    obstore.put(store, "k", b"x")
+    python_threads = {t.native_id for t in threading.enumerate()}
+    native = [int(tid) for tid in os.listdir("/proc/self/task") if int(tid) not in python_threads]
+
+    # WHEN the accounting groups the threads Python does not know
+    groups = {native_group(tid) for tid in native}
+
+    # THEN obstore's are S3 work, not the model's; a thread named otherwise stays the model's
+    assert S3_NATIVE_GROUP in groups
+    assert native_group(threading.main_thread().native_id or 0) == NATIVE_GROUP
