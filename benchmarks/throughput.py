@@ -578,9 +578,7 @@ class RequestCounter:
             client.meta.events.register("before-call", self._count)
 
     def _count(self, model: Any, **_: Any) -> None:
-        if self.on:
-            with self._lock:
-                self.counts[model.name] += 1
+        self.tally(model.name)
 
     def per_image(self, n: int) -> dict[str, float]:
         return {name: round(count / n, 3) for name, count in sorted(self.counts.items())}

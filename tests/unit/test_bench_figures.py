@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
+import obstore
 import pytest
+from obstore.store import MemoryStore
 
 from benchmarks import throughput
+from benchmarks.accounting import NATIVE_GROUP, S3_NATIVE_GROUP, native_group
 from benchmarks.feed import INSTANCES, ceilings
 from benchmarks.gil import on_cpu_seconds, parse_raw
 
@@ -90,14 +96,6 @@ def test_obstores_native_io_threads_count_as_s3_work_and_other_native_threads_as
     None
 ):
     # GIVEN obstore's runtime started (its I/O threads have no Python object, like torch's)
-    import os
-    import threading
-
-    import obstore
-    from obstore.store import MemoryStore
-
-    from benchmarks.accounting import NATIVE_GROUP, S3_NATIVE_GROUP, native_group
-
     store = MemoryStore()
     obstore.put(store, "k", b"x")
     python_threads = {t.native_id for t in threading.enumerate()}
