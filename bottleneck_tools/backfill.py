@@ -18,6 +18,10 @@ in ``error``.
 Interrupts: Ctrl-C stops the listing, cancels batches not yet started and waits for the ones in
 flight, then returns with ``interrupted`` set. Sent and failed counts are tallied by the batches
 themselves, so the summary accounts for every image taken from the listing.
+
+The sending (:class:`MessageSender` on a :class:`BoundedPool`) and the message of a listed image
+(:func:`image_ref`) have their one home here: ``bottleneck-reconcile --fix`` sends through them
+too, so its messages are exactly the ones ``bottleneck-enqueue`` sends.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -39,7 +43,7 @@ from bottleneck_contract.locations import S3Location
 from bottleneck_contract.logs import log
 from bottleneck_contract.messages import ImageRef
 from producer_lambda.backoff import error_code
-from producer_lambda.enqueue import MAX_BATCH, send_batch
+from producer_lambda.enqueue import MAX_BATCH, BatchOutcome, send_batch
 from producer_lambda.filters import KeyFilter
 
 if TYPE_CHECKING:
@@ -49,12 +53,17 @@ if TYPE_CHECKING:
 __all__ = [
     "SKIP_EXISTS",
     "BackfillResult",
+    "BoundedPool",
     "Listed",
+    "MessageSender",
+    "image_ref",
     "in_feature_order",
     "list_objects",
     "run_backfill",
     "without_features",
 ]
+
+T = TypeVar("T")
 
 SKIP_EXISTS = "feature-exists"
 
@@ -155,6 +164,112 @@ def without_features(
         yield image
 
 
+def image_ref(bucket: str, obj: Listed) -> ImageRef:
+    """The message for a listed image: its key, and the ETag and size the listing gave.
+
+    The ETag lets a consumer that looks before it computes (``--existing-check head``) tell an
+    up-to-date feature file from one made of an earlier upload without fetching the image.
+    """
+    return ImageRef(bucket=bucket, key=obj.key, etag=obj.etag, size=obj.size)
+
+
+class BoundedPool:
+    """Threads whose ``submit`` blocks while ``backlog`` tasks are queued or running.
+
+    A producer that lists faster than the workers send then waits instead of piling up tasks
+    (s3transfer's bounded executor), so memory stays flat however long the listing.
+    :meth:`close` with ``stop`` cancels the tasks not yet started and waits for the running ones.
+    """
+
+    def __init__(self, workers: int, *, backlog: int, name: str) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._slots = threading.BoundedSemaphore(backlog)
+
+    def submit(self, fn: Callable[[T], None], arg: T) -> None:
+        """Run ``fn(arg)`` on a worker, waiting for room first; ``fn`` must not raise."""
+
+        def task() -> None:
+            try:
+                fn(arg)
+            finally:
+                self._slots.release()
+
+        self._slots.acquire()
+        self._executor.submit(task)
+
+    def close(self, *, stop: bool) -> bool:
+        """Wait for the tasks (``stop``: only the running ones); True if a Ctrl-C came meanwhile.
+
+        A Ctrl-C during the wait turns it into a stopping wait: the running tasks still finish,
+        each within its client's timeouts, so what they did is never left uncounted.
+        """
+        interrupted = False
+        while True:
+            try:
+                self._executor.shutdown(wait=True, cancel_futures=stop or interrupted)
+                return interrupted
+            except KeyboardInterrupt:
+                interrupted = True
+
+
+class MessageSender:
+    """Sends image messages to the work queue, ten per ``SendMessageBatch``, on a bounded pool.
+
+    :meth:`add` takes one image with a ``tag`` (a kind of work, counted apart); batches hold one
+    tag each. ``on_outcome(outcome, tag)`` hears of every batch, from a worker thread. ``sent``
+    and ``failed`` count images per tag, final once :meth:`close` has returned; images added but
+    in neither were not sent (cancelled by a stop, or still in a partial batch).
+    """
+
+    def __init__(
+        self,
+        sqs: SQSClient,
+        queue_url: str,
+        *,
+        concurrency: int = 8,
+        on_outcome: Callable[[BatchOutcome, str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._sqs = sqs
+        self._queue_url = queue_url
+        self._on_outcome = on_outcome
+        self._sleep = sleep
+        self._pool = BoundedPool(concurrency, backlog=2 * concurrency, name="enqueue")
+        self._lock = threading.Lock()
+        self._chunks: dict[str, list[ImageRef]] = {}
+        self.sent: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+
+    def add(self, ref: ImageRef, tag: str = "") -> None:
+        """Queue one image; a full batch goes out (waiting for room when too many are queued)."""
+        chunk = self._chunks.setdefault(tag, [])
+        chunk.append(ref)
+        if len(chunk) == MAX_BATCH:
+            self._submit(tag)
+
+    def flush(self) -> None:
+        """Send the partial batches too (the end of a run that was not stopped)."""
+        for tag in list(self._chunks):
+            self._submit(tag)
+
+    def close(self, *, stop: bool) -> bool:
+        """Wait for the batches (``stop``: only those already sending); True if interrupted."""
+        return self._pool.close(stop=stop)
+
+    def _submit(self, tag: str) -> None:
+        chunk = self._chunks.pop(tag)
+        self._pool.submit(self._send, (chunk, tag))
+
+    def _send(self, work: tuple[list[ImageRef], str]) -> None:
+        chunk, tag = work
+        outcome = send_batch(self._sqs, self._queue_url, chunk, sleep=self._sleep)
+        with self._lock:
+            self.sent[tag] += len(outcome.sent)
+            self.failed[tag] += len(outcome.failed)
+        if self._on_outcome is not None:
+            self._on_outcome(outcome, tag)
+
+
 def run_backfill(
     *,
     s3: S3Client,
@@ -195,15 +310,12 @@ def run_backfill(
         )
         stream = without_features(stream, names, result.skipped)
 
-    def ref(obj: Listed) -> ImageRef:
-        return ImageRef(bucket=source.bucket, key=obj.key, etag=obj.etag, size=obj.size)
-
     if dry_run:
         try:
             for obj in stream:
                 result.selected += 1
                 if on_selected is not None:
-                    on_selected(ref(obj))
+                    on_selected(image_ref(source.bucket, obj))
         except KeyboardInterrupt:
             result.interrupted = True
         except (ClientError, BotoCoreError) as exc:
@@ -212,68 +324,49 @@ def run_backfill(
 
     if sqs is None or queue_url is None:
         raise ValueError("sqs and queue_url are required unless dry_run")
-    slots = threading.BoundedSemaphore(2 * concurrency)
 
-    def send(chunk: list[ImageRef]) -> None:
-        try:
-            outcome = send_batch(sqs, queue_url, chunk, sleep=sleep)
-            with lock:
-                result.sent += len(outcome.sent)
-                result.failed += len(outcome.failed)
-                for failure in outcome.failed:
-                    if len(result.failures) < 10:
-                        result.failures.append(
-                            {"key": failure.ref.key, "code": failure.code, "error": failure.message}
-                        )
-            for failure in outcome.failed:
-                log(
-                    _log,
-                    logging.WARNING,
-                    "send-failed",
-                    bucket=failure.ref.bucket,
-                    key=failure.ref.key,
-                    code=failure.code,
-                    error=failure.message,
+    def on_outcome(outcome: BatchOutcome, _tag: str) -> None:
+        with lock:
+            for failure in outcome.failed[: max(0, 10 - len(result.failures))]:
+                result.failures.append(
+                    {"key": failure.ref.key, "code": failure.code, "error": failure.message}
                 )
-            if on_sent is not None and outcome.sent:
-                on_sent(len(outcome.sent))
-        finally:
-            slots.release()
+        for failure in outcome.failed:
+            log(
+                _log,
+                logging.WARNING,
+                "send-failed",
+                bucket=failure.ref.bucket,
+                key=failure.ref.key,
+                code=failure.code,
+                error=failure.message,
+            )
+        if on_sent is not None and outcome.sent:
+            on_sent(len(outcome.sent))
 
-    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="enqueue")
+    sender = MessageSender(
+        sqs, queue_url, concurrency=concurrency, on_outcome=on_outcome, sleep=sleep
+    )
     try:
-        chunk: list[ImageRef] = []
         for obj in stream:
-            chunk.append(ref(obj))
+            # Counted before it is added: an add can wait for room, and a Ctrl-C there drops
+            # the batch it completed, which must show in not_sent.
             result.selected += 1
-            if len(chunk) == MAX_BATCH:
-                slots.acquire()
-                executor.submit(send, chunk)
-                chunk = []
-        if chunk:
-            slots.acquire()
-            executor.submit(send, chunk)
+            sender.add(image_ref(source.bucket, obj))
+        sender.flush()
     except KeyboardInterrupt:
         result.interrupted = True
     except (ClientError, BotoCoreError) as exc:
         result.error = _listing_error(exc)
     finally:
-        _finish(executor, result)
-    return result
-
-
-def _finish(executor: ThreadPoolExecutor, result: BackfillResult) -> None:
-    # A run that completed waits for every queued batch. A stopped run (Ctrl-C, listing error)
-    # lets the batches already running finish, each within the client's timeouts, and cancels
-    # the queued ones, which stay in not_sent. A Ctrl-C during the wait stops the run the same
-    # way, and never abandons the count.
-    while True:
+        # A completed run waits for every batch; a stopped one (Ctrl-C, listing error) cancels
+        # the queued ones, which stay in not_sent.
         stopping = result.interrupted or result.error is not None
-        try:
-            executor.shutdown(wait=True, cancel_futures=stopping)
-            return
-        except KeyboardInterrupt:
+        if sender.close(stop=stopping):
             result.interrupted = True
+        result.sent = sender.sent.total()
+        result.failed = sender.failed.total()
+    return result
 
 
 def _listing_error(exc: BaseException) -> str:
