@@ -13,6 +13,11 @@ Shapes understood:
   or an SNS/SQS Lambda record;
 * an EventBridge ``Object Created`` event from ``aws.s3`` (keys URL-encoded like notifications);
 * ``s3:TestEvent``, which carries no work.
+
+Deletes (``ObjectRemoved:*`` and ``LifecycleExpiration:*`` records, EventBridge ``Object Deleted``
+events) are read by :func:`parse_notification` as a :class:`Removal`, a kind of its own: they are
+the producer's business (it removes the feature file of an image that is really gone) and never
+work for the consumer, whose :func:`parse_body` returns images only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from urllib.parse import unquote_plus
 __all__ = [
     "ImageRef",
     "MalformedMessage",
+    "Removal",
     "Skip",
     "encode",
     "parse_body",
@@ -46,6 +52,22 @@ class ImageRef:
     etag: str | None = None
     version_id: str | None = None
     size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """An S3 object that a notification says was deleted (or expired); ``key`` is the real key.
+
+    ``event`` names what happened, for logs: the S3 event name (``ObjectRemoved:Delete``,
+    ``LifecycleExpiration:DeleteMarkerCreated``, ...) or EventBridge's ``reason`` and
+    ``deletion-type``. Whether the object is really gone is for the reader to find out: a later
+    upload of the same key may already have replaced it.
+    """
+
+    bucket: str
+    key: str
+    version_id: str | None = None
+    event: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,25 +104,31 @@ def parse_body(body: str) -> list[ImageRef]:
         raise MalformedMessage(f"body is JSON {type(doc).__name__}, not an object")
     if "Records" not in doc and "bucket" in doc and "key" in doc:
         return [_own_body(doc)]
-    return [item for item in parse_notification(doc) if isinstance(item, ImageRef)]
+    return [item for item in _notification(doc, removals=False) if isinstance(item, ImageRef)]
 
 
-def parse_notification(doc: Mapping[str, Any]) -> Iterator[ImageRef | Skip]:
-    """Yield an :class:`ImageRef` or a :class:`Skip` for every record of a notification.
+def parse_notification(doc: Mapping[str, Any]) -> Iterator[ImageRef | Removal | Skip]:
+    """Yield an :class:`ImageRef`, a :class:`Removal` or a :class:`Skip` for every record.
 
     Accepts S3 notifications direct or wrapped in SNS (an SQS body, or a Lambda SNS record), SQS
     Lambda records whose bodies are any shape :func:`parse_body` reads, and EventBridge events.
     """
+    return _notification(doc, removals=True)
+
+
+def _notification(doc: Mapping[str, Any], removals: bool) -> Iterator[ImageRef | Removal | Skip]:
+    # removals=False is the consumer's reading (parse_body), exactly as before deletes were read:
+    # a delete record is a Skip, and none of the fields only a Removal needs is checked.
     if not isinstance(doc, Mapping):
         raise MalformedMessage(f"notification is {type(doc).__name__}, not an object")
     if doc.get("Event") == "s3:TestEvent":
         yield Skip("test-event")
         return
     if doc.get("Type") == "Notification" and "Message" in doc:
-        yield from parse_notification(_json_object(doc["Message"], "SNS Message"))
+        yield from _notification(_json_object(doc["Message"], "SNS Message"), removals)
         return
     if "detail-type" in doc:
-        yield from _eventbridge(doc)
+        yield from _eventbridge(doc, removals)
         return
     if "bucket" in doc and "key" in doc and "Records" not in doc:
         yield _own_body(doc)
@@ -109,27 +137,33 @@ def parse_notification(doc: Mapping[str, Any]) -> Iterator[ImageRef | Skip]:
     if not isinstance(records, list):
         raise MalformedMessage("no 'Records' list, no 'bucket'/'key' and no known envelope")
     for record in records:
-        yield from _record(record)
+        yield from _record(record, removals)
 
 
-def _record(record: Any) -> Iterator[ImageRef | Skip]:
+def _record(record: Any, removals: bool) -> Iterator[ImageRef | Removal | Skip]:
     if not isinstance(record, Mapping):
         raise MalformedMessage("a record is not an object")
     source = record.get("eventSource") or record.get("EventSource")
     if source == "aws:s3":
-        yield _s3_record(record)
+        yield _s3_record(record, removals)
     elif source == "aws:sns":
         sns = record.get("Sns")
         if not isinstance(sns, Mapping):
             raise MalformedMessage("SNS record without 'Sns'")
-        yield from parse_notification(_json_object(sns.get("Message"), "SNS Message"))
+        yield from _notification(_json_object(sns.get("Message"), "SNS Message"), removals)
     elif source == "aws:sqs":
-        yield from parse_notification(_json_object(record.get("body"), "SQS body"))
+        yield from _notification(_json_object(record.get("body"), "SQS body"), removals)
     else:
         raise MalformedMessage(f"record eventSource {source!r} is not aws:s3, aws:sns or aws:sqs")
 
 
-def _s3_record(record: Mapping[str, Any]) -> ImageRef | Skip:
+# S3 notification event names of a deletion: a DeleteObject(s) call, and lifecycle expirations,
+# both either permanent or a delete marker. (ObjectRestore:Delete is a restored copy of an
+# archived object expiring: the object itself is still there.)
+_REMOVED_PREFIXES = ("ObjectRemoved:", "LifecycleExpiration:")
+
+
+def _s3_record(record: Mapping[str, Any], removals: bool) -> ImageRef | Removal | Skip:
     event_name = record.get("eventName")
     s3 = record.get("s3")
     if not isinstance(event_name, str) or not isinstance(s3, Mapping):
@@ -139,6 +173,13 @@ def _s3_record(record: Mapping[str, Any]) -> ImageRef | Skip:
     if not isinstance(obj, Mapping) or not isinstance(bucket, Mapping):
         raise MalformedMessage("S3 record without 's3.object' or 's3.bucket'")
     key = _url_key(obj.get("key"))
+    if removals and event_name.startswith(_REMOVED_PREFIXES):
+        return Removal(
+            bucket=_text(bucket.get("name"), "s3.bucket.name"),
+            key=key,
+            version_id=_optional_text(obj.get("versionId"), "s3.object.versionId"),
+            event=event_name,
+        )
     if not event_name.startswith("ObjectCreated:"):
         return Skip(f"event {event_name}", key)
     return ImageRef(
@@ -150,7 +191,7 @@ def _s3_record(record: Mapping[str, Any]) -> ImageRef | Skip:
     )
 
 
-def _eventbridge(doc: Mapping[str, Any]) -> Iterator[ImageRef | Skip]:
+def _eventbridge(doc: Mapping[str, Any], removals: bool) -> Iterator[ImageRef | Removal | Skip]:
     detail_type = doc.get("detail-type")
     if doc.get("source") != "aws.s3":
         yield Skip(f"event {detail_type}")
@@ -163,6 +204,17 @@ def _eventbridge(doc: Mapping[str, Any]) -> Iterator[ImageRef | Skip]:
     if not isinstance(obj, Mapping) or not isinstance(bucket, Mapping):
         raise MalformedMessage("EventBridge S3 event without 'detail.object' or 'detail.bucket'")
     key = _url_key(obj.get("key"))
+    if removals and detail_type == "Object Deleted":
+        # reason: DeleteObject or Lifecycle Expiration; deletion-type: Permanently Deleted or
+        # Delete Marker Created. Both pairs mean the same to the producer: look, then remove.
+        what = [detail.get("reason"), detail.get("deletion-type")]
+        yield Removal(
+            bucket=_text(bucket.get("name"), "detail.bucket.name"),
+            key=key,
+            version_id=_optional_text(obj.get("version-id"), "detail.object.version-id"),
+            event=": ".join(str(part) for part in what if part) or str(detail_type),
+        )
+        return
     if detail_type != "Object Created":
         yield Skip(f"event {detail_type}", key)
         return

@@ -10,6 +10,7 @@ import pytest
 from bottleneck_contract.messages import (
     ImageRef,
     MalformedMessage,
+    Removal,
     Skip,
     encode,
     parse_body,
@@ -78,19 +79,63 @@ def test_version_id_and_etag_quotes() -> None:
     assert ref.version_id == "3HL4kqtJlcpXroDTDmJ"
 
 
-def test_every_record_of_a_notification_is_read_and_deletes_are_skipped() -> None:
+def test_every_record_of_a_notification_is_read_and_deletes_are_removals() -> None:
     # GIVEN a notification with two puts and a delete
     doc = s3_event(
         s3_put_record("b", "one.jpg"),
-        s3_delete_record("b", "gone.jpg"),
+        s3_delete_record("b", "gone 1+1.jpg"),
         s3_put_record("b", "two.jpg"),
     )
     # WHEN it is parsed record by record
     items = list(parse_notification(doc))
-    # THEN the delete is a Skip naming the event, the puts are images
-    assert [type(i).__name__ for i in items] == ["ImageRef", "Skip", "ImageRef"]
-    assert items[1] == Skip("event ObjectRemoved:Delete", "gone.jpg")
+    # THEN the delete is a Removal (for the producer) with its real key, the puts are images
+    assert [type(i).__name__ for i in items] == ["ImageRef", "Removal", "ImageRef"]
+    assert items[1] == Removal("b", "gone 1+1.jpg", event="ObjectRemoved:Delete")
+    # AND the consumer's reading of the same body is the two images only
     assert [r.key for r in parse_body(json.dumps(doc))] == ["one.jpg", "two.jpg"]
+
+
+@pytest.mark.parametrize(
+    "event_name",
+    [
+        "ObjectRemoved:Delete",
+        "ObjectRemoved:DeleteMarkerCreated",
+        "LifecycleExpiration:Delete",
+        "LifecycleExpiration:DeleteMarkerCreated",
+    ],
+)
+def test_every_kind_of_deletion_is_a_removal(event_name: str) -> None:
+    record = s3_record("b", "k.jpg", event_name=event_name, version_id="v9")
+    assert list(parse_notification(s3_event(record))) == [
+        Removal("b", "k.jpg", version_id="v9", event=event_name)
+    ]
+
+
+def test_removals_inside_every_envelope() -> None:
+    # GIVEN the same delete direct, in an SNS envelope, in an SQS record and as an SNS record
+    delete = s3_event(s3_delete_record("b", "a b.jpg"))
+    wrapped = [
+        delete,
+        sns_envelope(delete),
+        sqs_event(delete),
+        sqs_event(sns_envelope(delete)),
+        sns_lambda_event(delete),
+    ]
+    # WHEN each is parsed THEN each gives the one removal
+    for doc in wrapped:
+        assert list(parse_notification(doc)) == [
+            Removal("b", "a b.jpg", event="ObjectRemoved:Delete")
+        ]
+
+
+def test_the_consumer_still_reads_a_delete_as_no_work_even_without_a_bucket_name() -> None:
+    # The consumer's path never asks for what only a Removal needs: a delete record that lacks
+    # its bucket name was ignored before deletes were read, and still is.
+    record = s3_delete_record("b", "k.jpg")
+    record["s3"]["bucket"].pop("name")
+    assert parse_body(json.dumps(s3_event(record))) == []
+    with pytest.raises(MalformedMessage, match=r"s3\.bucket\.name"):
+        list(parse_notification(s3_event(record)))
 
 
 @pytest.mark.parametrize(
@@ -154,10 +199,28 @@ def test_eventbridge_object_created() -> None:
     assert parse_body(json.dumps(event)) == [ImageRef("b", "dir/a b+c.jpg", "e", "v", 5)]
 
 
-def test_eventbridge_object_deleted_and_foreign_events_are_skipped() -> None:
-    deleted = eventbridge_s3_event("b", "k.jpg", detail_type="Object Deleted")
-    assert list(parse_notification(deleted)) == [Skip("event Object Deleted", "k.jpg")]
+def test_eventbridge_object_deleted_is_a_removal_and_foreign_events_are_skipped() -> None:
+    deleted = eventbridge_s3_event("b", "k 1.jpg", detail_type="Object Deleted", version_id=None)
+    deleted["detail"].update({"reason": "DeleteObject", "deletion-type": "Permanently Deleted"})
+    assert list(parse_notification(deleted)) == [
+        Removal("b", "k 1.jpg", event="DeleteObject: Permanently Deleted")
+    ]
     assert list(parse_notification(scheduled_event())) == [Skip("event Scheduled Event")]
+    tagged = eventbridge_s3_event("b", "k.jpg", detail_type="Object Tags Added")
+    assert list(parse_notification(tagged)) == [Skip("event Object Tags Added", "k.jpg")]
+
+
+def test_a_lifecycle_expiration_is_a_removal() -> None:
+    # GIVEN what EventBridge sends when a lifecycle rule expires an object in a versioned bucket
+    expired = eventbridge_s3_event("b", "k.jpg", detail_type="Object Deleted", version_id="v2")
+    expired["detail"].update(
+        {"reason": "Lifecycle Expiration", "deletion-type": "Delete Marker Created"}
+    )
+    # THEN it is a removal like any other, and never work for the consumer
+    assert list(parse_notification(expired)) == [
+        Removal("b", "k.jpg", version_id="v2", event="Lifecycle Expiration: Delete Marker Created")
+    ]
+    assert parse_body(json.dumps(expired)) == []
 
 
 def _s3_body(**changes: Any) -> str:
