@@ -610,9 +610,13 @@ class CountedObjects:
         self.counter.tally("HeadObject")
         return self.inner.head(bucket, key)
 
-    def put(self, bucket: str, key: str, body: bytes, **options: Any) -> None:
+    def put(self, bucket: str, key: str, body: bytes, **options: Any) -> str:
         self.counter.tally("PutObject")
-        self.inner.put(bucket, key, body, **options)
+        return str(self.inner.put(bucket, key, body, **options))
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        self.counter.tally("DeleteObject")
+        return bool(self.inner.delete(bucket, key, if_match=if_match))
 
 
 def consumer_argv(args: argparse.Namespace, batch_size: int, queue: str, dlq: str) -> list[str]:

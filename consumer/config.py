@@ -42,6 +42,7 @@ class Config:
     idle_exit: float = 0.0
     overwrite: bool = False
     existing_check: str = "write"
+    orphan_check: str = "off"
     s3_client: str = "auto"
     decode: str = "auto"
     receivers: int = 2
@@ -291,6 +292,14 @@ OPTIONS: tuple[Option, ...] = (
         "write: find existing feature files at write time (conditional put, HEAD only on a "
         "conflict; fewest requests); head: HEAD before fetching (pays when most messages are "
         "repeats)",
+    ),
+    Option(
+        "orphan_check",
+        _choice("off", "head"),
+        "head: after each write, HEAD the image and remove the feature file again if the image "
+        "was deleted while it was being computed (one more request per image); off: images "
+        "deleted before their fetch are still skipped, the rare file written in the second "
+        "between fetch and write is left to bottleneck-reconcile --fix",
     ),
     Option(
         "s3_client",

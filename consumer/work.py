@@ -43,5 +43,5 @@ class ImageTask:
     data: bytes | None = None
     pixels: np.ndarray | torch.Tensor | None = None  # on the device with --decode cuda
     features: np.ndarray | None = None
-    outcome: str | None = None  # written | replaced | exists | superseded | dropped
+    outcome: str | None = None  # written | replaced | exists | superseded | source-gone | dropped
     failure: Failure | None = None

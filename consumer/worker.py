@@ -79,6 +79,7 @@ class Worker:
             fingerprint=runtime.fingerprint,
             output_bucket=cfg.output.bucket,
             overwrite=cfg.overwrite,
+            orphan_check=cfg.orphan_check == "head",
             concurrency=cfg.write_concurrency,
         )
         self.loader = Loader(

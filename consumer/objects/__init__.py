@@ -2,7 +2,8 @@
 
 The consumer makes three kinds of S3 request per image: a GET into memory, a conditional PUT
 (create-only, or ``If-Match`` on a seen ETag) with user metadata, and a HEAD that returns user
-metadata. :class:`ObjectClient` is exactly that surface; :mod:`consumer.storage` builds the
+metadata; and, rarely, a conditional DELETE (a feature file written for an image deleted
+meanwhile). :class:`ObjectClient` is exactly that surface; :mod:`consumer.storage` builds the
 idempotent write protocol on top of it.
 
 - :class:`consumer.objects.native.NativeObjects` (obstore, Rust ``object_store``): the request,
@@ -51,7 +52,7 @@ class ConditionFailed(Exception):
 
 
 class ObjectClient(Protocol):
-    """GET into memory, HEAD with user metadata, and the conditional PUT."""
+    """GET into memory, HEAD with user metadata, the conditional PUT and DELETE."""
 
     name: str
 
@@ -73,10 +74,16 @@ class ObjectClient(Protocol):
         metadata: Mapping[str, str],
         content_type: str,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         """Write ``body``: create-only (``If-None-Match: *``) when ``if_match`` is ``None``, else
         only over the version whose ETag is ``if_match``; :class:`ConditionFailed` otherwise.
-        Metadata values must be ASCII (the contract percent-encodes them)."""
+        Metadata values must be ASCII (the contract percent-encodes them). Returns the new
+        object's ETag (without quotes)."""
+        ...
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        """Delete the object only while its ETag is ``if_match``; ``False`` when it has changed
+        or is already gone (nothing deleted)."""
         ...
 
 

@@ -57,12 +57,12 @@ class BotoObjects:
         metadata: Mapping[str, str],
         content_type: str,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         condition: dict[str, Any] = (
             {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": f'"{if_match}"'}
         )
         try:
-            aws.call(
+            response = aws.call(
                 self.s3.put_object,
                 Bucket=bucket,
                 Key=key,
@@ -78,3 +78,13 @@ class BotoObjects:
             if code == "PreconditionFailed" or (if_match is not None and code in _NOT_FOUND):
                 raise ConditionFailed(f"s3://{bucket}/{key}") from exc
             raise
+        return strip_etag(response.get("ETag"))
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        try:
+            aws.call(self.s3.delete_object, Bucket=bucket, Key=key, IfMatch=f'"{if_match}"')
+        except Exception as exc:
+            if aws.error_code(exc) == "PreconditionFailed" or aws.error_code(exc) in _NOT_FOUND:
+                return False
+            raise
+        return True

@@ -173,7 +173,7 @@ class NativeObjects:
         metadata: Mapping[str, str],
         content_type: str,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         if not native_key(key):
             return self.fallback.put(
                 bucket, key, body, metadata=metadata, content_type=content_type, if_match=if_match
@@ -185,7 +185,7 @@ class NativeObjects:
         attributes: dict[str, str] = {"Content-Type": content_type, **metadata}
         mode: Any = "create" if if_match is None else {"e_tag": f'"{if_match}"'}
         try:
-            obstore.put(
+            result = obstore.put(
                 self._store(bucket),
                 key,
                 body,
@@ -199,7 +199,12 @@ class NativeObjects:
             raise ConditionFailed(f"s3://{bucket}/{key}") from exc
         except Exception as exc:
             raise translate(exc, "PUT", bucket, key) from exc
-        return None
+        return strip_etag(result["e_tag"])
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        # object_store has no conditional delete; this runs only for images deleted while in
+        # flight, so botocore's cost here does not matter.
+        return self.fallback.delete(bucket, key, if_match=if_match)
 
     def _store(self, bucket: str) -> S3Store:
         store = self._stores.get(bucket)

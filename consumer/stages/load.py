@@ -85,6 +85,8 @@ class Loader:
             if self.head_first and not task.ref.etag and self._already_done(task, fetched.etag):
                 return None
         except Exception as exc:
+            if self._deleted_since_sent(task, exc):
+                return None
             return self._fail(task, exc)
         if self.decode_on_device:
             return self._hand_over(task)
@@ -100,6 +102,20 @@ class Loader:
             return False
         self.stats.image_done("exists")
         self.inflight.done(task, "exists")
+        return True
+
+    def _deleted_since_sent(self, task: ImageTask, exc: BaseException) -> bool:
+        """A missing image whose message names its ETag existed when the message was sent (an
+        upload event or a listing): it was deleted since, which is no failure, and no feature
+        file is owed. Without an ETag a missing image may never have existed: a dead letter."""
+        if not task.ref.etag or classify(exc).error_code != "not-found":
+            return False
+        log.info(
+            "image deleted before it was fetched",
+            extra={"fields": {"bucket": task.ref.bucket, "key": task.ref.key}},
+        )
+        self.stats.image_done("source-gone")
+        self.inflight.done(task, "source-gone")
         return True
 
     def _decode(self, task: ImageTask) -> None:

@@ -31,6 +31,7 @@ class Writer:
         fingerprint: str,
         output_bucket: str,
         overwrite: bool,
+        orphan_check: bool,
         concurrency: int,
     ) -> None:
         self.s3 = s3
@@ -41,6 +42,7 @@ class Writer:
         self.fingerprint = fingerprint
         self.output_bucket = output_bucket
         self.overwrite = overwrite
+        self.orphan_check = orphan_check
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="write")
 
     def submit(self, task: ImageTask) -> None:
@@ -74,6 +76,7 @@ class Writer:
                 source_etag=task.source_etag,
                 fingerprint=self.fingerprint,
                 overwrite=self.overwrite,
+                orphan_check=self.orphan_check,
             )
         except Exception as exc:
             failure = classify(exc)

@@ -23,6 +23,8 @@ import torch
 import consumer.stages.infer
 from bottleneck_contract.messages import ImageRef, encode
 from consumer.aws import Clients
+from consumer.objects import Existing, Fetched, ObjectClient
+from consumer.objects.boto import BotoObjects
 from consumer.runtime import Runtime, build_runtime
 from consumer.worker import Worker
 from tests.corpus import BAD_CASES, GOOD_CASES, photo_jpeg
@@ -276,4 +278,74 @@ def test_a_missing_bucket_is_a_permanent_failure(stack: Stack) -> None:
     assert [(json.loads(x["body"])["bucket"], x["error-code"]) for x in letters] == [
         ("no-such-bucket", "not-found")
     ]
+    assert stack.depth() == 0
+
+
+def test_an_image_deleted_after_its_upload_event_is_no_failure(stack: Stack) -> None:
+    # GIVEN an image uploaded and announced (the message names its ETag, as upload events and
+    # listings do), then deleted before the consumer fetches it; and a message without an ETag
+    # naming an image that never existed
+    etag = stack.s3.put_object(Bucket=stack.images, Key="gone.jpg", Body=photo_jpeg(64, 48))[
+        "ETag"
+    ].strip('"')
+    stack.send(encode(ImageRef(stack.images, "gone.jpg", etag=etag)))
+    stack.send(encode(ImageRef(stack.images, "never-was.jpg")))
+    stack.s3.delete_object(Bucket=stack.images, Key="gone.jpg")
+
+    # WHEN the consumer runs
+    worker = Worker(build_runtime(consumer_config(stack), Clients(stack.s3, stack.sqs)))
+    assert worker.run() == 0
+
+    # THEN the deleted image leaves no feature file and no dead letter (a user's delete is not
+    # a failure); the image that never existed is dead-lettered as not-found; the queue is empty
+    assert stack.feature_keys() == []
+    letters = stack.dead_letters()
+    assert [(json.loads(x["body"])["key"], x["error-code"]) for x in letters] == [
+        ("never-was.jpg", "not-found")
+    ]
+    assert worker.stats.counts["images_source-gone"] == 1
+    assert stack.depth() == 0
+
+
+class DeletesTheSourceBeforeEachPut:
+    """The user deletes each image in the second between the consumer's fetch and its write."""
+
+    def __init__(self, inner: ObjectClient, s3: Any, images: str) -> None:
+        self.inner, self.s3, self.images, self.name = inner, s3, images, inner.name
+
+    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+        return self.inner.get(bucket, key, max_bytes=max_bytes)
+
+    def head(self, bucket: str, key: str) -> Existing | None:
+        return self.inner.head(bucket, key)
+
+    def put(self, bucket: str, key: str, body: bytes, **options: Any) -> str:
+        source = key.removeprefix("v1/").removesuffix(".npy")
+        self.s3.delete_object(Bucket=self.images, Key=source)
+        return self.inner.put(bucket, key, body, **options)
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        return self.inner.delete(bucket, key, if_match=if_match)
+
+
+@pytest.mark.parametrize(("orphan_check", "left"), [("head", 0), ("off", 3)])
+def test_orphan_check_removes_features_of_images_deleted_while_computed(
+    stack: Stack, orphan_check: str, left: int
+) -> None:
+    # GIVEN three images whose messages are received and fetched, then deleted before the write
+    images = {f"inflight/{i}.jpg": photo_jpeg(64, 48, seed=800 + i) for i in range(3)}
+    upload_and_send(stack, images)
+    config = consumer_config(stack, "--orphan-check", orphan_check)
+    objects = DeletesTheSourceBeforeEachPut(BotoObjects(stack.s3), stack.s3, stack.images)
+
+    # WHEN the consumer runs
+    runtime = build_runtime(config, Clients(stack.s3, stack.sqs), objects=objects)
+    worker = Worker(runtime)
+    assert worker.run() == 0
+
+    # THEN with the check no feature file is left (without it, all three are: reconcile's
+    # work), nothing is dead-lettered and the queue is empty
+    assert len(stack.feature_keys()) == left
+    assert worker.stats.counts["images_source-gone"] == 3 - left
+    assert stack.dead_letters() == []
     assert stack.depth() == 0

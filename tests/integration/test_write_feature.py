@@ -1,8 +1,9 @@
 """Every outcome of :func:`consumer.storage.write_feature`, through both object clients.
 
 One table: what is in S3 before the write (no feature file, a current one, an out-of-date one, a
-source re-uploaded or deleted since it was read, a writer that keeps winning, a file deleted
-under us, a create whose response was lost), and what the write must report and leave behind.
+source re-uploaded or deleted since it was read or while it was written, a writer that keeps
+winning, a file deleted under us, a create whose response was lost), and what the write must
+report and leave behind.
 Each row runs through obstore and through boto3, against a moto server over HTTP.
 """
 
@@ -78,14 +79,17 @@ class Racing:
         metadata: Mapping[str, str],
         content_type: str,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         self.rounds += 1
         self.world.put_feature(
             self.world.source_etag, "fp-theirs", f"theirs {self.rounds}".encode()
         )
-        self.inner.put(
+        return self.inner.put(
             bucket, key, body, metadata=metadata, content_type=content_type, if_match=if_match
         )
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        return self.inner.delete(bucket, key, if_match=if_match)
 
 
 class Vanishing(Racing):
@@ -105,11 +109,41 @@ class Vanishing(Racing):
         metadata: Mapping[str, str],
         content_type: str,
         if_match: str | None = None,
-    ) -> None:
+    ) -> str:
         self.rounds += 1
-        self.inner.put(
+        return self.inner.put(
             bucket, key, body, metadata=metadata, content_type=content_type, if_match=if_match
         )
+
+
+class DeletedInFlight(Vanishing):
+    """The image is deleted after we read it, just before our PUT."""
+
+    def head(self, bucket: str, key: str) -> Existing | None:
+        return self.inner.head(bucket, key)
+
+    def put(
+        self,
+        bucket: str,
+        key: str,
+        body: bytes,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str,
+        if_match: str | None = None,
+    ) -> str:
+        self.world.s3.delete_object(Bucket=IMAGES, Key=SOURCE.key)
+        return super().put(
+            bucket, key, body, metadata=metadata, content_type=content_type, if_match=if_match
+        )
+
+
+class ReplacedBeforeOurDelete(DeletedInFlight):
+    """...and, before we remove our file, another writer (the image uploaded again) replaces it."""
+
+    def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
+        self.world.put_feature("etag-of-the-new-upload", FINGERPRINT, b"theirs")
+        return self.inner.delete(bucket, key, if_match=if_match)
 
 
 @dataclass(frozen=True)
@@ -126,6 +160,7 @@ class Case:
     wrap: Callable[[ObjectClient, World], ObjectClient] | None = None
     lost_put_response: bool = False
     raises: str | None = None
+    orphan_check: bool = True
 
 
 def nothing(world: World) -> None:
@@ -170,8 +205,25 @@ CASES: dict[str, Case] = {
         0,
         read_etag="etag-we-read-earlier",
     ),
-    "superseded-source-deleted": Case(
-        source_deleted, WriteOutcome.SUPERSEDED, b"old", 0, read_etag="etag-we-read-earlier"
+    "superseded-source-deleted-no-orphan-check": Case(
+        source_deleted,
+        WriteOutcome.SUPERSEDED,
+        b"old",
+        0,
+        read_etag="etag-we-read-earlier",
+        orphan_check=False,
+    ),
+    "source-gone-out-of-date-file-removed": Case(
+        source_deleted, WriteOutcome.SOURCE_GONE, None, 0, read_etag="etag-we-read-earlier"
+    ),
+    "source-gone-file-just-written-removed": Case(
+        nothing, WriteOutcome.SOURCE_GONE, None, 1, wrap=DeletedInFlight
+    ),
+    "source-gone-no-orphan-check-keeps-the-file": Case(
+        nothing, WriteOutcome.WRITTEN, BODY, 1, wrap=DeletedInFlight, orphan_check=False
+    ),
+    "source-gone-newer-file-kept": Case(
+        nothing, WriteOutcome.SOURCE_GONE, b"theirs", 2, wrap=ReplacedBeforeOurDelete
     ),
     "written-after-the-file-vanished": Case(
         other_settings, WriteOutcome.WRITTEN, BODY, 1, wrap=Vanishing
@@ -251,6 +303,7 @@ def test_write_feature_outcomes(
             source_etag=source_etag,
             fingerprint=FINGERPRINT,
             overwrite=case.overwrite,
+            orphan_check=case.orphan_check,
         )
 
     if case.raises is not None:
@@ -262,6 +315,10 @@ def test_write_feature_outcomes(
 
     # THEN the file holds what it should, with our metadata if we wrote it, and exactly the
     # expected number of new versions was written (every racing write included)
+    if case.body_after is None:
+        assert "Contents" not in world.s3.list_objects_v2(Bucket=FEATS, Prefix=KEY)
+        assert world.versions() - before == case.new_versions
+        return
     got = world.s3.get_object(Bucket=FEATS, Key=KEY)
     assert got["Body"].read() == case.body_after
     if case.body_after == BODY:
