@@ -3,10 +3,10 @@
 Creates a bucket, a work queue and its dead-letter queue, uploads a few dozen generated images of
 four classes (plus any given with ``--images DIR``, and one truncated file), enqueues them with
 ``bottleneck-enqueue``, runs the consumer until the queue drains, collects the features into one
-dataset with ``bottleneck-collect``, trains a linear head on it (``examples/train_head.py``), and
-ends with the ``bottleneck-status`` view. No AWS account and no
-network are needed; the weights are random unless ``--weights`` says otherwise, because no
-pretrained weights can be downloaded here.
+dataset with ``bottleneck-collect``, trains a linear head on it (``examples/train_head.py``), shows
+the ``bottleneck-status`` view, and ends with the five images nearest to one of them
+(``examples/search.py``). No AWS account and no network are needed; the weights are random unless
+``--weights`` says otherwise, because no pretrained weights can be downloaded here.
 """
 
 from __future__ import annotations
@@ -226,13 +226,17 @@ def _run(args: argparse.Namespace, endpoint: str) -> int:
     # 5. Where things stand, as an operator sees it, and what to run next.
     _step(f"bottleneck-status --queue-url {queue_url} --output {output}")
     status.main(["--queue-url", queue_url, "--output", output, "--interval", "0"])
+
+    # 6. What else the features are for: the images most like the first one.
+    found = _similar(dataset, images[0][0]) if images else True
     print(
         "\nnext, against your own bucket:\n"
         f"  bottleneck-collect s3://YOUR-FEATURES/{args.model}/ -o features/\n"
         "  python examples/train_head.py features/\n"
+        "  python examples/search.py features/ SOME/IMAGE.jpg --k 5\n"
     )
     ok = written == len(images) and summary["failed_by_code"] == {"truncated": 1}
-    return 0 if ok and trained else 1
+    return 0 if ok and trained and found else 1
 
 
 BROKEN_KEY = "demo/broken/truncated.jpg"
@@ -260,6 +264,21 @@ def _train_head(dataset: Path) -> bool:
 
     namespace = runpy.run_path(str(script), run_name="train_head")
     return bool(namespace["main"]([str(dataset)]) == 0)
+
+
+def _similar(dataset: Path, query: str, k: int = 5) -> bool:
+    """The ``k`` images nearest to ``query``, as ``examples/search.py`` prints them (its core is
+    :mod:`bottleneck_tools.similar`, installed with the package, unlike the examples)."""
+    from bottleneck_tools import similar
+
+    _step(f"python examples/search.py {dataset} {query} --k {k}")
+    try:
+        found = similar.search(similar.load(dataset), query, k)
+    except similar.SearchError as exc:
+        print(f"bottleneck-demo: error: {exc}", file=sys.stderr)
+        return False
+    print(similar.format_text(found), end="")
+    return True
 
 
 if __name__ == "__main__":
