@@ -103,6 +103,7 @@ def jobs_of(batch: Any, stack: BatchStack) -> list[dict[str, Any]]:
 def test_filtered_records_are_enqueued_with_real_keys(
     settings: Settings, sqs: Any, queue_url: str, batch: Any, stack: BatchStack
 ) -> None:
+    s3 = boto3.client("s3", region_name=REGION)
     # GIVEN one S3 event with three images and every kind of record that is not work
     event = s3_event(
         s3_put_record(IMAGES, "uploads/cat 1.jpg", size=10, etag="e1"),
@@ -112,12 +113,12 @@ def test_filtered_records_are_enqueued_with_real_keys(
         s3_put_record("feats", "resnet50/uploads/odd.jpg", size=10),  # output, image suffix
         s3_put_record(IMAGES, "uploads/readme.txt", size=10),  # wrong suffix
         s3_put_record(IMAGES, "uploads/folder/.jpg", size=0),  # zero bytes
-        s3_delete_record(IMAGES, "uploads/gone.jpg"),  # a delete
+        s3_delete_record(IMAGES, "uploads/gone.jpg"),  # a delete: no work (see test_deletes)
         s3_put_record(IMAGES, "elsewhere/x.jpg", size=10),  # outside the input prefix
         s3_put_record(IMAGES, "uploads/cat 1.jpg", size=10, etag="e1"),  # S3 may repeat itself
     )
     # WHEN the function handles it
-    summary = handle(event, settings, sqs=sqs, batch=batch)
+    summary = handle(event, settings, sqs=sqs, s3=s3, batch=batch)
     # THEN exactly the three images are on the queue, with their real keys
     assert sorted(drain(sqs, queue_url), key=lambda b: b["size"]) == [
         {"bucket": IMAGES, "key": "uploads/cat 1.jpg", "etag": "e1", "size": 10},
@@ -135,11 +136,12 @@ def test_filtered_records_are_enqueued_with_real_keys(
     assert summary["failed"] == 0
     assert summary["skipped"] == {
         "empty-object": 1,
-        "event ObjectRemoved:Delete": 1,
         "outside-input-prefix": 1,
         "output-prefix": 2,
         "suffix": 1,
     }
+    # and the delete was looked at, found to have no feature file, and enqueued nothing
+    assert summary["deletes"]["already-gone"] == 1
     # and the scaler ran once for the new backlog: ceil(3 / 2) = 2 jobs
     assert summary["jobs_submitted"] == 2
     assert len(jobs_of(batch, stack)) == 2
@@ -437,6 +439,7 @@ def test_lambda_handler_reads_its_environment(
     for cached in (
         handler_module._settings,
         handler_module._sqs_client,
+        handler_module._s3_client,
         handler_module._batch_client,
     ):
         cached.cache_clear()
@@ -449,6 +452,7 @@ def test_lambda_handler_reads_its_environment(
         for cached in (
             handler_module._settings,
             handler_module._sqs_client,
+            handler_module._s3_client,
             handler_module._batch_client,
         ):
             cached.cache_clear()
