@@ -1,7 +1,9 @@
-"""``bottleneck-reconcile``: which feature files are missing, out of date, or left over.
+"""``bottleneck-reconcile``: which feature files are missing, out of date, or left over; with
+``--fix``, put that right.
 
     bottleneck-reconcile s3://images/prefix/ --output s3://feats/prefix/
                          [--fingerprint FP] [--no-head] [--concurrency N] [--json]
+                         [--fix [--queue-url URL] [--dry-run] [--no-progress]]
 
 Four kinds of finding:
 
@@ -23,13 +25,32 @@ skips them and reports ``missing`` and ``orphan`` only. Without ``--fingerprint`
 known only at the end: feature files are then set aside per fingerprint in temporary files
 (spilling to disk past a megabyte each) and the minority ones reported last.
 
-What to do about it: ``missing`` and stale images are re-enqueued with ``bottleneck-enqueue``
-(the consumer replaces an out-of-date file, keeping an up-to-date one); ``orphan`` files can be
-deleted. This tool only reads.
+Without ``--fix`` this tool only reads. ``--fix`` acts on the findings as they stream by:
+
+* ``missing`` and stale images go to the work queue (``--queue-url`` or ``BOTTLENECK_QUEUE_URL``)
+  with the very messages ``bottleneck-enqueue`` sends (bucket, key, and the ETag and size of the
+  listing), through its sender (:mod:`bottleneck_tools.backfill`); an image stale in both ways
+  is sent once. The consumer replaces an out-of-date file with ``If-Match``: the image's current
+  ETag and the consumer's own fingerprint decide, so a ``stale-fingerprint`` file is replaced only
+  by a consumer that runs with the expected fingerprint (``--fingerprint`` names it; the majority
+  is only a guess).
+* ``orphan`` files are deleted with DeleteObjects, up to 1,000 keys a call, each conditional on
+  the ETag it was listed with, after a HEAD that confirms it. A file that changed since the
+  listing (rewritten for a re-uploaded image), is gone already, or names another
+  ``source-bucket`` than the source's is left in place and counted: a mistyped source bucket
+  with the right prefix would otherwise make every feature file an orphan.
+
+Deletes run on a worker thread and sends on ``--concurrency`` threads, never on the main one, so
+Ctrl-C stops the listing, cancels what has not started, lets the requests in flight finish and
+reports exactly what was done. ``--dry-run`` changes nothing: it prints the files it would delete
+(after the same HEADs) and the messages it would send.
 
 Output: with ``--json``, one JSON object per finding, then a summary line; otherwise counts per
-kind with the first ``--limit`` keys of each. Exit status: 0 done (findings or not), 1 an AWS
-error, 2 bad arguments, 130 interrupted.
+kind with the first ``--limit`` keys of each. With ``--fix`` the summary also says what was
+deleted, enqueued, left in place, failed and not done (``"fix"`` in the JSON summary), each
+failure is one line on stderr, and a progress bar (tqdm, on a terminal only) counts the fixes on
+stderr. Exit status: 0 done (findings or not; with ``--fix``, every delete and send done), 1 an
+AWS error or a fix that failed, 2 bad arguments, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -38,9 +59,12 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
@@ -49,14 +73,25 @@ from botocore.exceptions import BotoCoreError, ClientError
 from bottleneck_contract.features import (
     FEATURE_SUFFIX,
     FINGERPRINT,
+    SOURCE_BUCKET,
     SOURCE_ETAG,
     feature_key,
     source_key_of,
 )
 from bottleneck_contract.locations import S3Location
-from bottleneck_tools.backfill import Listed, in_feature_order, list_objects
-from bottleneck_tools.cmdline import OneLineParser
-from producer_lambda.backoff import error_code
+from bottleneck_contract.messages import encode
+from bottleneck_contract.retry import Backoff
+from bottleneck_tools.backfill import (
+    BoundedPool,
+    Listed,
+    MessageSender,
+    image_ref,
+    in_feature_order,
+    list_objects,
+)
+from bottleneck_tools.cmdline import OneLineParser, Progress, flag_or_env
+from producer_lambda.backoff import THROTTLING_CODES, error_code
+from producer_lambda.enqueue import BatchOutcome
 from producer_lambda.filters import KeyFilter
 from producer_lambda.settings import (
     SettingsError,
@@ -68,16 +103,26 @@ from producer_lambda.settings import (
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
+    from mypy_boto3_sqs import SQSClient
 
 __all__ = [
     "KINDS",
+    "DeleteOutcome",
+    "Failure",
     "Finding",
+    "FixReport",
+    "Fixer",
     "Pair",
     "Report",
+    "delete_batch",
+    "delete_orphans",
+    "fix_group",
     "judge",
     "main",
     "merge_join",
     "ordered_map",
+    "orphan_check",
     "parse",
     "reconcile",
     "run",
@@ -92,18 +137,29 @@ STALE_ETAG = "stale-etag"
 STALE_FINGERPRINT = "stale-fingerprint"
 ORPHAN = "orphan"
 KINDS = (MISSING, STALE_ETAG, STALE_FINGERPRINT, ORPHAN)
+STALE = "stale"  # either stale kind, as --fix counts its sends
+FIX_GROUPS = (ORPHAN, MISSING, STALE)
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _SPOOL_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One thing out of line: its kind, the image key and the feature key, and what differs."""
+    """One thing out of line: its kind, the image key and the feature key, and what differs.
+
+    ``image`` is the image as listed (missing and stale findings: its message carries the listed
+    ETag and size), ``feature`` the feature file as listed (orphans: its delete is conditional on
+    that ETag). ``repeat``: the same image was reported under another kind already (a file stale
+    in both ways), so ``--fix`` acts on it once.
+    """
 
     kind: str
     key: str
     feature_key: str | None = None
     detail: str = ""
+    image: Listed | None = None
+    feature: Listed | None = None
+    repeat: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -196,11 +252,8 @@ def judge(
     recorded = metadata.get(SOURCE_ETAG, "").strip('"')
     current = (image.etag or "").strip('"')
     if recorded != current:
-        findings.append(
-            Finding(
-                STALE_ETAG, image.key, feature_key, f"source-etag {recorded or '-'} != {current}"
-            )
-        )
+        detail = f"source-etag {recorded or '-'} != {current}"
+        findings.append(Finding(STALE_ETAG, image.key, feature_key, detail, image=image))
     fingerprint = metadata.get(FINGERPRINT, "")
     if expected is not None and fingerprint != expected:
         findings.append(
@@ -209,6 +262,8 @@ def judge(
                 image.key,
                 feature_key,
                 f"fingerprint {fingerprint or '-'} != {expected}",
+                image=image,
+                repeat=bool(findings),
             )
         )
     return findings
@@ -244,13 +299,20 @@ def ordered_map(
 # ---------------------------------------------------------------------------- the run
 
 
-def _head_metadata(s3: S3Client, bucket: str, key: str) -> dict[str, str] | None:
+def _head_object(s3: S3Client, bucket: str, key: str) -> Mapping[str, Any] | None:
+    """The HeadObject response, or ``None`` when there is no such object."""
     try:
-        response = s3.head_object(Bucket=bucket, Key=key)
+        return s3.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if error_code(exc) in _NOT_FOUND:
             return None
         raise
+
+
+def _head_metadata(s3: S3Client, bucket: str, key: str) -> dict[str, str] | None:
+    response = _head_object(s3, bucket, key)
+    if response is None:
+        return None
     return {k.lower(): v for k, v in response.get("Metadata", {}).items()}
 
 
@@ -264,7 +326,7 @@ def reconcile(
     heads: bool = True,
     concurrency: int = 16,
     report: Report | None = None,
-) -> Iterator[Finding]:
+) -> Generator[Finding, None, None]:
     """Stream the findings for ``source`` against ``output``; counts accumulate in ``report``.
 
     Objects of ``source`` under ``output`` (when the two overlap) are not images. A feature file
@@ -304,11 +366,14 @@ def reconcile(
             if pair.feature is None:
                 assert pair.image is not None
                 if accept.reason(source.bucket, pair.image.key, pair.image.size) is None:
-                    yield _count(report, Finding(MISSING, pair.image.key))
+                    yield _count(report, Finding(MISSING, pair.image.key, image=pair.image))
                 continue
             if pair.image is None:
                 name = source_key_of(output.prefix, pair.feature.key) or pair.feature.key
-                yield _count(report, Finding(ORPHAN, name, pair.feature.key, "image is gone"))
+                orphan = Finding(
+                    ORPHAN, name, pair.feature.key, "image is gone", feature=pair.feature
+                )
+                yield _count(report, orphan)
                 continue
             if not heads:
                 continue
@@ -318,13 +383,17 @@ def reconcile(
             report.checked += 1
             found = metadata.get(FINGERPRINT, "")
             report.fingerprints[found] += 1
-            for finding in judge(pair.image, pair.feature.key, metadata, fingerprint):
+            stale = judge(pair.image, pair.feature.key, metadata, fingerprint)
+            for finding in stale:
                 yield _count(report, finding)
             if fingerprint is None:
                 spool = spools.get(found)
                 if spool is None:
                     spool = spools[found] = _spool()
-                spool.write(json.dumps([pair.image.key, pair.feature.key]) + "\n")
+                image = pair.image
+                # Whether the image was reported stale already: --fix then sends it once.
+                row = [image.key, pair.feature.key, image.etag, image.size, bool(stale)]
+                spool.write(json.dumps(row) + "\n")
         if fingerprint is None and report.fingerprints:
             # Ties go to the lexically first fingerprint, so that reruns agree.
             top = max(report.fingerprints.values())
@@ -337,9 +406,17 @@ def reconcile(
                 spool = spools[found]
                 spool.seek(0)
                 for line in spool:
-                    key, feature_key = json.loads(line)
+                    key, feature_key, etag, size, repeat = json.loads(line)
                     detail = f"fingerprint {found or '-'} != {majority} (majority)"
-                    yield _count(report, Finding(STALE_FINGERPRINT, key, feature_key, detail))
+                    finding = Finding(
+                        STALE_FINGERPRINT,
+                        key,
+                        feature_key,
+                        detail,
+                        image=Listed(key, etag, size),
+                        repeat=repeat,
+                    )
+                    yield _count(report, finding)
     finally:
         for spool in spools.values():
             spool.close()
@@ -354,6 +431,431 @@ def _spool() -> IO[str]:
 def _count(report: Report, finding: Finding) -> Finding:
     report.counts[finding.kind] += 1
     return finding
+
+
+# ---------------------------------------------------------------------------- fixing
+
+DELETE_BATCH = 1000  # DeleteObjects' limit
+DELETE_BACKOFF = Backoff(attempts=4, base=0.1, cap=2.0)
+# Per-key DeleteObjects errors that a later try can get past. botocore never sees them (the call
+# itself succeeded), so they are retried here, as SendMessageBatch's failed entries are.
+_RETRY_DELETE = THROTTLING_CODES | {
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "ConditionalRequestConflict",
+}
+# Why an orphan was left in place: none of these is a failure.
+ALREADY_GONE = "already-gone"
+CHANGED = "changed"
+OTHER_SOURCE = "other-source"
+KEPT_REASONS = {
+    CHANGED: "changed since listed",
+    ALREADY_GONE: "already gone",
+    OTHER_SOURCE: "names another source bucket",
+}
+# Failures beyond this many are counted, not listed (a queue that rejects everything would
+# otherwise print one line per image of the bucket).
+MAX_LISTED_FAILURES = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One fix that did not happen: ``delete`` or ``enqueue``, the object, and AWS's reason."""
+
+    action: str
+    uri: str
+    code: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.action} {self.uri}: {self.code}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOutcome:
+    """What became of a batch of orphans: deleted (or, in a dry run, to be deleted), left in
+    place with a reason (``(key, reason)``), or failed."""
+
+    deleted: tuple[str, ...] = ()
+    kept: tuple[tuple[str, str], ...] = ()
+    failed: tuple[Failure, ...] = ()
+
+
+def fix_group(finding: Finding) -> str | None:
+    """What ``--fix`` does about a finding: ``orphan`` (delete the file), ``missing`` or ``stale``
+    (send the image), or ``None`` for an image already acted on under another kind."""
+    if finding.repeat:
+        return None
+    if finding.kind in (ORPHAN, MISSING):
+        return finding.kind
+    return STALE
+
+
+def orphan_check(listed: Listed, head: Mapping[str, Any] | None, source_bucket: str) -> str | None:
+    """Why a listed orphan must be left in place after all, from its HEAD; ``None``: delete it.
+
+    A file changed since it was listed may have been rewritten for a re-uploaded image. A file
+    whose ``source-bucket`` is not the source's (or that has none: not the consumer's) is not this
+    source's to judge.
+    """
+    if head is None:
+        return ALREADY_GONE
+    if (head.get("ETag") or "").strip('"') != (listed.etag or ""):
+        return CHANGED
+    metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+    if metadata.get(SOURCE_BUCKET) != source_bucket:
+        return OTHER_SOURCE
+    return None
+
+
+def delete_batch(
+    s3: S3Client,
+    bucket: str,
+    files: Sequence[Listed],
+    *,
+    backoff: Backoff = DELETE_BACKOFF,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeleteOutcome:
+    """One ``DeleteObjects`` for up to 1,000 files, each conditional on its listed ETag.
+
+    The call succeeds even when keys fail: they come back in ``Errors``. Keys that failed on S3's
+    side (throttling, an internal error) are tried again after a short backoff; a failed
+    precondition means the file changed since it was listed (left in place), a missing key that
+    it is gone already. A call that raises has had botocore's tries and fails every key still
+    pending. Never raises for AWS errors.
+    """
+    if len(files) > DELETE_BATCH:
+        raise ValueError(f"at most {DELETE_BATCH} keys per DeleteObjects, got {len(files)}")
+    pending = {f.key: f for f in files}
+    last_error: dict[str, tuple[str, str]] = {}
+    deleted: list[str] = []
+    kept: list[tuple[str, str]] = []
+    failed: list[Failure] = []
+    for attempt in range(backoff.attempts):
+        if not pending:
+            break
+        if attempt:
+            sleep(backoff.delay(attempt - 1))
+        objects: list[ObjectIdentifierTypeDef] = [
+            {"Key": f.key, "ETag": f'"{f.etag}"'} if f.etag else {"Key": f.key}
+            for f in pending.values()
+        ]
+        try:
+            response = s3.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": False})
+        except (ClientError, BotoCoreError) as exc:
+            for key in pending:
+                last_error[key] = (error_code(exc), str(exc))
+            break
+        for done in response.get("Deleted", []):
+            key = done.get("Key", "")
+            if pending.pop(key, None) is not None:
+                deleted.append(key)
+        answered: set[str] = set()
+        for error in response.get("Errors", []):
+            key = error.get("Key", "")
+            code, message = error.get("Code", "Unknown"), error.get("Message", "")
+            answered.add(key)
+            if key not in pending:
+                continue
+            if code in _RETRY_DELETE:
+                last_error[key] = (code, message)
+                continue
+            del pending[key]
+            if code == "PreconditionFailed":
+                kept.append((key, CHANGED))
+            elif code in _NOT_FOUND:
+                kept.append((key, ALREADY_GONE))
+            else:
+                failed.append(Failure("delete", f"s3://{bucket}/{key}", code, message))
+        for key in pending.keys() - answered:
+            last_error[key] = ("Missing", "key not in the DeleteObjects response")
+    for key in pending:
+        code, message = last_error[key]
+        failed.append(Failure("delete", f"s3://{bucket}/{key}", code, message))
+    return DeleteOutcome(tuple(deleted), tuple(kept), tuple(failed))
+
+
+def delete_orphans(
+    s3: S3Client,
+    bucket: str,
+    orphans: Sequence[Listed],
+    *,
+    source_bucket: str,
+    concurrency: int = 16,
+    dry_run: bool = False,
+    backoff: Backoff = DELETE_BACKOFF,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeleteOutcome:
+    """HEAD each listed orphan (:func:`orphan_check`), then delete the confirmed ones in one
+    :func:`delete_batch`. ``dry_run`` deletes nothing: ``deleted`` names what would be."""
+
+    def head(orphan: Listed) -> Mapping[str, Any] | BaseException | None:
+        try:
+            return _head_object(s3, bucket, orphan.key)
+        except (ClientError, BotoCoreError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(concurrency, len(orphans))), thread_name_prefix="orphan"
+    ) as pool:
+        heads = list(pool.map(head, orphans))
+    confirmed: list[Listed] = []
+    kept: list[tuple[str, str]] = []
+    failed: list[Failure] = []
+    for orphan, answer in zip(orphans, heads, strict=True):
+        if isinstance(answer, BaseException):
+            uri = f"s3://{bucket}/{orphan.key}"
+            failed.append(Failure("delete", uri, error_code(answer), str(answer)))
+        elif (reason := orphan_check(orphan, answer, source_bucket)) is not None:
+            kept.append((orphan.key, reason))
+        else:
+            confirmed.append(orphan)
+    if dry_run or not confirmed:
+        return DeleteOutcome(tuple(o.key for o in confirmed), tuple(kept), tuple(failed))
+    outcome = delete_batch(s3, bucket, confirmed, backoff=backoff, sleep=sleep)
+    return DeleteOutcome(outcome.deleted, (*kept, *outcome.kept), (*failed, *outcome.failed))
+
+
+class OrphanDeleter:
+    """Gathers orphans into batches of up to 1,000 and deletes each on a worker thread.
+
+    The worker, not the caller's thread, makes the requests, so a Ctrl-C never cuts a
+    DeleteObjects in half: a batch either ran and was counted, or was cancelled before it
+    started. A dry run only reads, on the caller's thread. ``on_outcome`` hears of every batch.
+    """
+
+    def __init__(
+        self,
+        s3: S3Client,
+        bucket: str,
+        *,
+        source_bucket: str,
+        on_outcome: Callable[[DeleteOutcome], None],
+        concurrency: int = 16,
+        dry_run: bool = False,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._s3 = s3
+        self._bucket = bucket
+        self._source_bucket = source_bucket
+        self._on_outcome = on_outcome
+        self._concurrency = concurrency
+        self._dry_run = dry_run
+        self._sleep = sleep
+        self._pool = BoundedPool(1, backlog=2, name="delete")
+        self._batch: list[Listed] = []
+
+    def add(self, feature: Listed) -> None:
+        """Queue one orphan; a full batch is handed to the worker (waiting for room)."""
+        self._batch.append(feature)
+        if len(self._batch) == DELETE_BATCH:
+            self._submit()
+
+    def flush(self) -> None:
+        """Hand over the last, partial batch (the end of a run that was not stopped)."""
+        if self._batch:
+            self._submit()
+
+    def close(self, *, stop: bool) -> bool:
+        """Wait for the batches (``stop``: only the running one); True if interrupted."""
+        return self._pool.close(stop=stop)
+
+    def _submit(self) -> None:
+        batch, self._batch = self._batch, []
+        if self._dry_run:
+            self._delete(batch)
+        else:
+            self._pool.submit(self._delete, batch)
+
+    def _delete(self, batch: list[Listed]) -> None:
+        try:
+            outcome = delete_orphans(
+                self._s3,
+                self._bucket,
+                batch,
+                source_bucket=self._source_bucket,
+                concurrency=self._concurrency,
+                dry_run=self._dry_run,
+                sleep=self._sleep,
+            )
+        except Exception as exc:  # a bug must still leave every file of the batch accounted for
+            outcome = DeleteOutcome(
+                failed=tuple(
+                    Failure("delete", f"s3://{self._bucket}/{f.key}", error_code(exc), str(exc))
+                    for f in batch
+                )
+            )
+        self._on_outcome(outcome)
+
+
+@dataclass
+class FixReport:
+    """What ``--fix`` set out to do and did, per group (``orphan``, ``missing``, ``stale``).
+
+    ``planned`` counts the findings acted on; each ends deleted or enqueued (in a dry run: would
+    be), ``kept`` (orphans left in place, by reason), failed, or not done (a stopped run).
+    """
+
+    dry_run: bool = False
+    planned: Counter[str] = field(default_factory=Counter)
+    deleted: int = 0
+    kept: Counter[str] = field(default_factory=Counter)
+    enqueued: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    failures: list[Failure] = field(default_factory=list)
+    failures_left_out: int = 0
+
+    def not_done(self, group: str) -> int:
+        """Acted on but neither done nor failed: cancelled or never handed over by a stop."""
+        done = self.deleted + self.kept.total() if group == ORPHAN else self.enqueued[group]
+        return self.planned[group] - done - self.failed[group]
+
+    @property
+    def complete(self) -> bool:
+        """Whether everything set out was done: no failure, nothing left undone."""
+        return not any(self.failed.values()) and not any(map(self.not_done, FIX_GROUPS))
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``"fix"`` part of the summary)."""
+        sent = {
+            group: {
+                "found": self.planned[group],
+                "enqueued": self.enqueued[group],
+                "failed": self.failed[group],
+                "not_done": self.not_done(group),
+            }
+            for group in (MISSING, STALE)
+        }
+        return {
+            "dry_run": self.dry_run,
+            ORPHAN: {
+                "found": self.planned[ORPHAN],
+                "deleted": self.deleted,
+                "kept": {reason: self.kept[reason] for reason in KEPT_REASONS},
+                "failed": self.failed[ORPHAN],
+                "not_done": self.not_done(ORPHAN),
+            },
+            **sent,
+            "complete": self.complete,
+            "failures": [failure.line() for failure in self.failures],
+            "failures_left_out": self.failures_left_out,
+        }
+
+
+class Fixer:
+    """Acts on findings as they stream by: orphans to an :class:`OrphanDeleter`, missing and stale
+    images to the work queue through ``bottleneck-enqueue``'s :class:`MessageSender`.
+
+    ``on_done(n)`` hears of fixes done (for a progress bar, from worker threads); in a dry run
+    ``on_plan(action, what)`` hears of each delete (``what`` an ``s3://`` URI) and each send
+    (``what`` the message body) instead, on the caller's thread.
+    """
+
+    def __init__(
+        self,
+        *,
+        s3: S3Client,
+        sqs: SQSClient | None,
+        source: S3Location,
+        output: S3Location,
+        queue_url: str | None,
+        concurrency: int = 16,
+        dry_run: bool = False,
+        on_done: Callable[[int], None] | None = None,
+        on_plan: Callable[[str, str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.report = FixReport(dry_run=dry_run)
+        self._source = source
+        self._output = output
+        self._on_done = on_done
+        self._on_plan = on_plan
+        self._lock = threading.Lock()
+        self._deleter = OrphanDeleter(
+            s3,
+            output.bucket,
+            source_bucket=source.bucket,
+            on_outcome=self._deleted,
+            concurrency=concurrency,
+            dry_run=dry_run,
+            sleep=sleep,
+        )
+        self._sender: MessageSender | None = None
+        if not dry_run:
+            if sqs is None or not queue_url:
+                raise ValueError("--fix needs an SQS client and a queue URL unless dry_run")
+            self._sender = MessageSender(
+                sqs, queue_url, concurrency=concurrency, on_outcome=self._sent, sleep=sleep
+            )
+
+    def take(self, finding: Finding) -> None:
+        """Act on one finding (waits when too much is in flight)."""
+        group = fix_group(finding)
+        if group is None:
+            return
+        # Counted before it is handed over: a hand-over can wait for room, and a Ctrl-C there
+        # must leave it in not_done.
+        self.report.planned[group] += 1
+        if group == ORPHAN:
+            assert finding.feature is not None
+            self._deleter.add(finding.feature)
+            return
+        assert finding.image is not None
+        ref = image_ref(self._source.bucket, finding.image)
+        if self._sender is not None:
+            self._sender.add(ref, group)
+            return
+        self.report.enqueued[group] += 1
+        if self._on_plan is not None:
+            self._on_plan("enqueue", encode(ref))
+
+    def flush(self) -> None:
+        """Hand over the partial batches (the end of a run that was not stopped)."""
+        self._deleter.flush()
+        if self._sender is not None:
+            self._sender.flush()
+
+    def finish(self, *, stop: bool) -> bool:
+        """Wait for the work handed over (``stop``: only what is running); True if a Ctrl-C
+        came meanwhile. The report is final afterwards."""
+        interrupted = self._deleter.close(stop=stop)
+        if self._sender is not None:
+            interrupted = self._sender.close(stop=stop or interrupted) or interrupted
+            with self._lock:
+                self.report.enqueued.update(self._sender.sent)
+        return interrupted
+
+    def _deleted(self, outcome: DeleteOutcome) -> None:
+        with self._lock:
+            self.report.deleted += len(outcome.deleted)
+            self.report.kept.update(reason for _, reason in outcome.kept)
+            self.report.failed[ORPHAN] += len(outcome.failed)
+            self._record(outcome.failed)
+        if self.report.dry_run:
+            if self._on_plan is not None:
+                for key in outcome.deleted:
+                    self._on_plan("delete", f"s3://{self._output.bucket}/{key}")
+        elif self._on_done is not None:
+            self._on_done(len(outcome.deleted))
+
+    def _sent(self, outcome: BatchOutcome, group: str) -> None:
+        failures = [
+            Failure("enqueue", f"s3://{f.ref.bucket}/{f.ref.key}", f.code, f.message)
+            for f in outcome.failed
+        ]
+        with self._lock:
+            self.report.failed[group] += len(failures)
+            self._record(failures)
+        if self._on_done is not None:
+            self._on_done(len(outcome.sent))
+
+    def _record(self, failures: Iterable[Failure]) -> None:
+        for failure in failures:
+            if len(self.report.failures) < MAX_LISTED_FAILURES:
+                self.report.failures.append(failure)
+            else:
+                self.report.failures_left_out += 1
 
 
 # ---------------------------------------------------------------------------- command line
@@ -371,6 +873,10 @@ class Options:
     concurrency: int = 16
     limit: int = 10
     json: bool = False
+    fix: bool = False
+    dry_run: bool = False
+    queue_url: str | None = None
+    progress: bool = True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,8 +884,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
         description="Report images without a feature file, out-of-date feature files "
-        "(re-uploaded image, changed settings) and feature files whose image is gone.",
-        epilog="Read-only. One HeadObject per feature file that has an image, unless --no-head.",
+        "(re-uploaded image, changed settings) and feature files whose image is gone; "
+        "with --fix, enqueue the images and delete the left-over files.",
+        epilog="Read-only unless --fix. One HeadObject per feature file that has an image, "
+        "unless --no-head; with --fix, one more per orphan before it is deleted.",
     )
     parser.add_argument("source", help="s3://bucket/prefix/ of the images")
     parser.add_argument(
@@ -399,7 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="listings only: report missing and orphan files, not stale ones",
     )
     parser.add_argument(
-        "--concurrency", default="16", help="HeadObject calls in parallel (default 16, max 64)"
+        "--concurrency",
+        default="16",
+        help="requests in parallel, per kind (HEADs, sends) (default 16, max 64)",
     )
     parser.add_argument(
         "--limit", default="10", help="keys shown per kind without --json (default 10)"
@@ -407,6 +917,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per finding, then a summary line"
     )
+    fixing = parser.add_argument_group("fixing (--fix)")
+    fixing.add_argument(
+        "--fix",
+        action="store_true",
+        help="enqueue missing and stale images (the messages bottleneck-enqueue sends) and "
+        "delete orphaned feature files",
+    )
+    fixing.add_argument("--queue-url", help="SQS work queue URL [BOTTLENECK_QUEUE_URL]")
+    fixing.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="change nothing; print the files --fix would delete and the messages it would send",
+    )
+    fixing.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -430,6 +954,14 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
             raise SettingsError("--fingerprint must not be empty")
         if fingerprint is not None and args.no_head:
             raise SettingsError("--fingerprint needs the HEADs that --no-head turns off")
+        if not args.fix:
+            if args.dry_run:
+                raise SettingsError("--dry-run only applies with --fix")
+            if args.queue_url is not None:
+                raise SettingsError("--queue-url only applies with --fix")
+        queue_url, _ = flag_or_env(args, "--queue-url", "BOTTLENECK_QUEUE_URL", environ)
+        if args.fix and not args.dry_run and not queue_url:
+            raise SettingsError("--fix needs --queue-url (or BOTTLENECK_QUEUE_URL)")
         return Options(
             source=source,
             output=output,
@@ -439,6 +971,10 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
             concurrency=concurrency,
             limit=parse_count(args.limit, "--limit", 10, 0),
             json=args.json,
+            fix=args.fix,
+            dry_run=args.dry_run,
+            queue_url=queue_url if args.fix else None,
+            progress=not args.no_progress,
         )
     except SettingsError as exc:
         parser.error(str(exc))
@@ -451,65 +987,171 @@ def main(argv: Sequence[str] | None = None) -> int:
         import boto3
         from botocore.config import Config
 
+        # With --fix, the orphans' HEADs run beside the stale checks' HEADs.
+        pools = 2 if options.fix else 1
         config = Config(
             retries={"mode": "standard", "max_attempts": 5},
-            max_pool_connections=options.concurrency + 4,
+            max_pool_connections=pools * options.concurrency + 4,
         )
-        s3: S3Client = boto3.session.Session().client("s3", config=config)
+        session = boto3.session.Session()
+        s3: S3Client = session.client("s3", config=config)
+        sqs: SQSClient | None = None
+        if options.fix and not options.dry_run:
+            sqs = session.client("sqs", config=config)
     except BotoCoreError as exc:
         sys.stderr.write(f"{PROG}: error: cannot create AWS clients: {exc}\n")
         return EXIT_FAILED
-    return run(options, s3=s3)
+    return run(options, s3=s3, sqs=sqs)
 
 
 def run(
-    options: Options, *, s3: S3Client, stdout: TextIO | None = None, stderr: TextIO | None = None
+    options: Options,
+    *,
+    s3: S3Client,
+    sqs: SQSClient | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Run the validated command with the given client; returns the exit status."""
+    """Run the validated command with the given clients (``sqs`` only for ``--fix`` without
+    ``--dry-run``); returns the exit status."""
     out = stdout or sys.stdout
     err = stderr or sys.stderr
+    sending = options.fix and not options.dry_run
+    if sending:
+        if sqs is None or options.queue_url is None:
+            raise ValueError("--fix needs an SQS client and a queue URL")
+        try:
+            sqs.get_queue_attributes(QueueUrl=options.queue_url, AttributeNames=["QueueArn"])
+        except (ClientError, BotoCoreError) as exc:
+            err.write(
+                f"{PROG}: error: cannot use queue {options.queue_url}: {error_code(exc)}: {exc}\n"
+            )
+            return EXIT_FAILED
+
+    progress = Progress("fixed", "file", err, enabled=sending and options.progress)
+
+    def plan(action: str, what: str) -> None:
+        out.write(render_plan(action, what, options.json))
+
+    fixer: Fixer | None = None
+    if options.fix:
+        fixer = Fixer(
+            s3=s3,
+            sqs=sqs,
+            source=options.source,
+            output=options.output,
+            queue_url=options.queue_url,
+            concurrency=options.concurrency,
+            dry_run=options.dry_run,
+            on_done=progress.update,
+            on_plan=plan,
+            sleep=sleep,
+        )
     report = Report()
     shown: dict[str, list[Finding]] = {kind: [] for kind in KINDS}
+    findings = reconcile(
+        s3,
+        options.source,
+        options.output,
+        key_filter=KeyFilter(
+            suffixes=options.suffixes or parse_suffixes(None, "--suffixes"),
+            input_prefix=options.source.prefix,
+            output=options.output,
+        ),
+        fingerprint=options.fingerprint,
+        heads=options.heads,
+        concurrency=options.concurrency,
+        report=report,
+    )
     try:
-        for finding in reconcile(
-            s3,
-            options.source,
-            options.output,
-            key_filter=KeyFilter(
-                suffixes=options.suffixes or parse_suffixes(None, "--suffixes"),
-                input_prefix=options.source.prefix,
-                output=options.output,
-            ),
-            fingerprint=options.fingerprint,
-            heads=options.heads,
-            concurrency=options.concurrency,
-            report=report,
-        ):
-            if options.json:
-                out.write(json.dumps(finding.to_json(), ensure_ascii=False) + "\n")
-            elif len(shown[finding.kind]) < options.limit:
-                shown[finding.kind].append(finding)
+        with closing(findings):
+            for finding in findings:
+                if options.json:
+                    out.write(json.dumps(finding.to_json(), ensure_ascii=False) + "\n")
+                elif len(shown[finding.kind]) < options.limit:
+                    shown[finding.kind].append(finding)
+                if fixer is not None:
+                    fixer.take(finding)
+        if fixer is not None:
+            fixer.flush()
     except KeyboardInterrupt:
         report.interrupted = True
     except (ClientError, BotoCoreError) as exc:
         report.error = f"{error_code(exc)}: {exc}"
+    finally:
+        # A stopped run (Ctrl-C, a listing error) cancels the work not yet started and waits for
+        # the requests in flight, so that the report says exactly what was done.
+        stopping = report.interrupted or report.error is not None
+        if fixer is not None and fixer.finish(stop=stopping):
+            report.interrupted = True
+        progress.close()
 
+    fixed = fixer.report if fixer is not None else None
     if options.json:
-        out.write(json.dumps({"summary": report.summary()}, ensure_ascii=False) + "\n")
+        summary = report.summary()
+        if fixed is not None:
+            summary["fix"] = fixed.summary()
+        out.write(json.dumps({"summary": summary}, ensure_ascii=False) + "\n")
     else:
-        out.write(render_text(report, shown, options) + "\n")
+        out.write(render_text(report, shown, options, fixed) + "\n")
     out.flush()
+    if fixed is not None:
+        for failure in fixed.failures:
+            err.write(f"{PROG}: failed: {failure.line()}\n")
+        if fixed.failures_left_out:
+            err.write(f"{PROG}: failed: {fixed.failures_left_out:,} more, not listed\n")
     if report.error:
         err.write(f"{PROG}: error: {report.error}\n")
         return EXIT_FAILED
     if report.interrupted:
-        err.write(f"{PROG}: interrupted: the counts cover only what was listed\n")
+        done = f"{render_fix(fixed)}; " if fixed is not None else ""
+        err.write(f"{PROG}: interrupted: {done}the counts cover only what was listed\n")
         return EXIT_INTERRUPTED
+    if fixed is not None and not fixed.complete:
+        return EXIT_FAILED
     return 0
 
 
-def render_text(report: Report, shown: Mapping[str, Sequence[Finding]], options: Options) -> str:
-    """The human report: what was compared, then each kind with its count and first keys."""
+def render_plan(action: str, what: str, as_json: bool) -> str:
+    """One line of a dry run: a file it would delete, or a message body it would send."""
+    if not as_json:
+        return f"would {action} {what}\n"
+    if action == "enqueue":
+        return json.dumps({"would": action, "message": json.loads(what)}, ensure_ascii=False) + "\n"
+    return json.dumps({"would": action, "uri": what}, ensure_ascii=False) + "\n"
+
+
+def render_fix(fixed: FixReport) -> str:
+    """The fix in one line: what was deleted and enqueued (or would be), and what was not."""
+    deleted = f"{fixed.deleted:,} orphan{'s' if fixed.deleted != 1 else ''}"
+    enqueued = f"{fixed.enqueued[MISSING]:,} missing + {fixed.enqueued[STALE]:,} stale"
+    if fixed.dry_run:
+        parts = [f"dry run: would delete {deleted}, enqueue {enqueued}"]
+    else:
+        parts = [f"deleted {deleted}, enqueued {enqueued}"]
+    if fixed.kept:
+        why = ", ".join(f"{n:,} {KEPT_REASONS[r]}" for r, n in sorted(fixed.kept.items()))
+        parts.append(f"left {fixed.kept.total():,} orphans in place ({why})")
+    failed_deletes = fixed.failed[ORPHAN]
+    failed_sends = fixed.failed[MISSING] + fixed.failed[STALE]
+    if failed_deletes or failed_sends:
+        parts.append(f"failed {failed_deletes:,} deletes + {failed_sends:,} sends")
+    not_done = {group: fixed.not_done(group) for group in FIX_GROUPS}
+    if any(not_done.values()):
+        sends = not_done[MISSING] + not_done[STALE]
+        parts.append(f"not done {not_done[ORPHAN]:,} deletes + {sends:,} sends")
+    return "; ".join(parts)
+
+
+def render_text(
+    report: Report,
+    shown: Mapping[str, Sequence[Finding]],
+    options: Options,
+    fixed: FixReport | None = None,
+) -> str:
+    """The human report: what was compared, then each kind with its count and first keys, then
+    what ``--fix`` did."""
     checked = f", {report.checked:,} checked by HEAD" if report.heads else " (--no-head)"
     lines = [
         f"{options.source} -> {options.output}: {report.images:,} objects, "
@@ -537,6 +1179,13 @@ def render_text(report: Report, shown: Mapping[str, Sequence[Finding]], options:
         lines.append(f"  {report.vanished:,} feature files vanished between listing and HEAD")
     if not any(report.counts.values()) and not report.error and not report.interrupted:
         lines.append("  everything is in order")
+    if fixed is not None:
+        lines.append(f"  fix: {render_fix(fixed)}")
+        if report.counts.get(STALE_FINGERPRINT) and report.majority:
+            lines.append(
+                "  note: a consumer replaces stale-fingerprint files only if its own fingerprint "
+                f"is {report.expected_fingerprint} (--fingerprint names the one to hold files to)"
+            )
     return "\n".join(lines)
 
 
