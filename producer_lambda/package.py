@@ -7,7 +7,8 @@ Only ``*.py`` files go in (no ``__pycache__``), each under its package folder so
 is ``producer_lambda.handler.lambda_handler``. ``producer_lambda/__main__.py`` stays out: it starts
 the operator's ``bottleneck-enqueue``, which is not in the zip. Entries are sorted and carry a fixed
 timestamp, so the same sources give the same bytes (and the same CodeSha256: no needless
-redeploys).
+redeploys). ``producer_lambda/costs.py`` stays out too: the README's cost arithmetic, which the
+function never imports.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_DEST", "PACKAGE_DIRS", "build", "main", "package_files"]
+__all__ = ["DEFAULT_DEST", "LEFT_OUT", "PACKAGE_DIRS", "build", "main", "package_files"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 # The contract first: the handler imports it.
 PACKAGE_DIRS: tuple[Path, ...] = (_ROOT / "bottleneck_contract", _ROOT / "producer_lambda")
 DEFAULT_DEST = Path("build") / "producer_lambda.zip"
 # What a package folder holds that the function never runs.
-_LEFT_OUT = {"producer_lambda/__main__.py"}
+LEFT_OUT = frozenset({"producer_lambda/__main__.py", "producer_lambda/costs.py"})
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can carry
 
 
@@ -36,7 +37,7 @@ def package_files(package_dirs: Sequence[Path] = PACKAGE_DIRS) -> list[tuple[str
         for path in package_dir.rglob("*.py"):
             relative = path.relative_to(package_dir)
             name = (Path(package_dir.name) / relative).as_posix()
-            if "__pycache__" in relative.parts or not path.is_file() or name in _LEFT_OUT:
+            if "__pycache__" in relative.parts or not path.is_file() or name in LEFT_OUT:
                 continue
             found.append((name, path))
     return sorted(found)
