@@ -36,10 +36,8 @@ def _job_definition(stack: Stack) -> dict[str, Any]:
     return dict(found[0])
 
 
-def _lambda_env(stack: Stack) -> dict[str, str]:
-    config = _client("lambda").get_function_configuration(
-        FunctionName=stack.outputs["ProducerFunctionName"]
-    )
+def _lambda_env(stack: Stack, output: str = "ProducerFunctionName") -> dict[str, str]:
+    config = _client("lambda").get_function_configuration(FunctionName=stack.outputs[output])
     return {k: as_text(v) for k, v in config["Environment"]["Variables"].items()}
 
 
@@ -82,6 +80,10 @@ def test_stack_creates_every_supported_resource(stack: Stack) -> None:
         "WorkQueue",
         "DeadLetterQueue",
         "ProducerFunction",
+        "UploadFunction",
+        "UploadQueue",
+        "UploadDeadLetterQueue",
+        "UploadEventSourceMapping",
         "UploadRule",
         "ScalerSchedule",
         "ComputeEnvironment",
@@ -113,6 +115,7 @@ def test_work_queue_redrives_to_the_dead_letter_queue(stack: Stack) -> None:
     assert int(dlq["MessageRetentionPeriod"]) >= int(attributes["MessageRetentionPeriod"])
 
 
+@pytest.mark.parametrize("detail_type", ["Object Created", "Object Deleted"])
 @pytest.mark.parametrize(
     ("key", "bucket_matches", "expected"),
     [
@@ -126,7 +129,7 @@ def test_work_queue_redrives_to_the_dead_letter_queue(stack: Stack) -> None:
     ],
 )
 def test_upload_rule_filters_bucket_prefix_and_suffix(
-    stack: Stack, key: str, bucket_matches: bool, expected: bool
+    stack: Stack, key: str, bucket_matches: bool, expected: bool, detail_type: str
 ) -> None:
     events = _client("events")
     rule = events.describe_rule(Name=stack.physical["UploadRule"])
@@ -138,7 +141,7 @@ def test_upload_rule_filters_bucket_prefix_and_suffix(
         "time": "2024-05-01T12:00:00Z",
         "region": REGION,
         "resources": [f"arn:aws:s3:::{bucket}"],
-        "detail-type": "Object Created",
+        "detail-type": detail_type,
         "detail": {"bucket": {"name": bucket}, "object": {"key": key, "size": 10, "etag": "e"}},
     }
     # moto does not implement TestEventPattern; its rule matcher (which delivers events to
@@ -150,18 +153,62 @@ def test_upload_rule_filters_bucket_prefix_and_suffix(
     assert pattern.matches_event(event) is expected  # type: ignore[arg-type]
 
 
-def test_rules_target_the_producer(stack: Stack) -> None:
+def test_uploads_go_to_the_buffer_and_the_schedule_to_the_scaler(stack: Stack) -> None:
     events = _client("events")
-    function = _client("lambda").get_function_configuration(
+    scaler = _client("lambda").get_function_configuration(
         FunctionName=stack.outputs["ProducerFunctionName"]
     )
     event_dlq_arn = _queue_arn(stack.outputs["EventDeadLetterQueueUrl"])
-    for rule in ("UploadRule", "ScalerSchedule"):
+    expected = {
+        "UploadRule": _queue_arn(stack.outputs["UploadQueueUrl"]),
+        "ScalerSchedule": scaler["FunctionArn"],
+    }
+    for rule, arn in expected.items():
         targets = events.list_targets_by_rule(Rule=stack.physical[rule])["Targets"]
-        assert [t["Arn"] for t in targets] == [function["FunctionArn"]]
+        assert [t["Arn"] for t in targets] == [arn]
         assert targets[0]["DeadLetterConfig"]["Arn"] == event_dlq_arn
     schedule = events.describe_rule(Name=stack.physical["ScalerSchedule"])
     assert schedule["ScheduleExpression"] == "rate(1 minute)"
+
+
+def test_the_buffer_queue_feeds_the_upload_function_in_batches(stack: Stack) -> None:
+    lam = _client("lambda")
+    function = lam.get_function(FunctionName=stack.outputs["UploadFunctionName"])
+    # GIVEN the upload function THEN it runs the same code and handler as the scaler, without
+    # a concurrency cap of one
+    assert function["Configuration"]["Handler"] == "producer_lambda.handler.lambda_handler"
+    assert function["Configuration"]["CodeSha256"] == stack.code_sha256
+    assert "ReservedConcurrentExecutions" not in function.get("Concurrency", {})
+    # AND the buffer queue is its one event source: batches of 100 within a second, failed
+    # items reported, at most 10 invocations at once
+    (mapping,) = lam.list_event_source_mappings(FunctionName=stack.outputs["UploadFunctionName"])[
+        "EventSourceMappings"
+    ]
+    buffer_url = stack.outputs["UploadQueueUrl"]
+    assert mapping["EventSourceArn"] == _queue_arn(buffer_url)
+    assert int(mapping["BatchSize"]) == 100
+    assert int(mapping["MaximumBatchingWindowInSeconds"]) == 1
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert int(mapping["ScalingConfig"]["MaximumConcurrency"]) == 10
+    # AND the buffer sets events aside in its own dead-letter queue after five receives
+    attributes = _client("sqs").get_queue_attributes(QueueUrl=buffer_url, AttributeNames=["All"])[
+        "Attributes"
+    ]
+    redrive = json.loads(attributes["RedrivePolicy"])
+    assert redrive["deadLetterTargetArn"] == _queue_arn(stack.outputs["UploadDeadLetterQueueUrl"])
+    assert int(redrive["maxReceiveCount"]) == 5
+    assert attributes["SqsManagedSseEnabled"] == "true"
+    timeout = int(function["Configuration"]["Timeout"])
+    assert int(attributes["VisibilityTimeout"]) >= 6 * timeout
+
+
+def test_upload_function_environment_is_accepted_and_never_scales(stack: Stack) -> None:
+    settings = Settings.from_env(_lambda_env(stack, "UploadFunctionName"))
+    assert settings.queue_url == stack.outputs["WorkQueueUrl"]
+    assert str(settings.output) == stack.outputs["OutputLocation"]
+    assert settings.input_prefix == "images/"
+    assert settings.suffixes == DEFAULT_SUFFIXES
+    assert settings.scaling is None
 
 
 def test_lambda_environment_is_accepted_by_the_producer_settings(stack: Stack) -> None:
@@ -244,10 +291,43 @@ def test_producer_role_allows_exactly_what_the_lambda_calls(stack: Stack) -> Non
     }
     work_arn = _queue_arn(stack.outputs["WorkQueueUrl"])
     assert allowed["sqs:GetQueueAttributes"] == [work_arn]
-    assert work_arn in allowed["sqs:SendMessage"]
+    # The scaler sends nothing to the work queue: only Lambda's own dead letters, with its role.
+    assert allowed["sqs:SendMessage"] == [_queue_arn(stack.outputs["EventDeadLetterQueueUrl"])]
     assert sorted(allowed["batch:SubmitJob"]) == sorted(
         [stack.outputs["JobQueueArn"], stack.outputs["JobDefinitionArn"]]
     )
+
+
+def test_upload_role_allows_exactly_what_the_upload_function_calls(stack: Stack) -> None:
+    allowed = _allowed(_inline_policy("UploadRole", stack))
+    assert set(allowed) == {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:SendMessage",
+        "s3:GetObject",
+        "s3:DeleteObject",
+        "s3:ListBucket",
+    }
+    buffer_arn = _queue_arn(stack.outputs["UploadQueueUrl"])
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"):
+        assert allowed[action] == [buffer_arn], action
+    assert allowed["sqs:SendMessage"] == [_queue_arn(stack.outputs["WorkQueueUrl"])]
+    bucket = stack.outputs["InputBucketName"]
+    # Deletes only under the output prefix; HEADs of images and of feature files; and the
+    # ListBucket that makes a missing key a 404 instead of a 403
+    assert allowed["s3:DeleteObject"] == [f"arn:aws:s3:::{bucket}/features/*"]
+    assert sorted(allowed["s3:GetObject"]) == [
+        f"arn:aws:s3:::{bucket}/features/*",
+        f"arn:aws:s3:::{bucket}/images/*",
+    ]
+    assert allowed["s3:ListBucket"] == [f"arn:aws:s3:::{bucket}"]
+    function = _client("lambda").get_function_configuration(
+        FunctionName=stack.outputs["UploadFunctionName"]
+    )
+    assert function["Role"].endswith("/" + stack.physical["UploadRole"])
 
 
 def test_job_role_allows_exactly_what_the_consumer_calls(stack: Stack) -> None:
@@ -277,5 +357,6 @@ def test_log_groups_have_retention(stack: Stack) -> None:
     retention = {g["logGroupName"]: g.get("retentionInDays") for g in groups}
     assert retention == {
         f"/aws/lambda/{STACK}-producer": 30,
+        f"/aws/lambda/{STACK}-upload": 30,
         f"/aws/batch/{STACK}-consumer": 30,
     }

@@ -30,7 +30,7 @@ def _inline_statements(template: dict[str, Any]) -> list[tuple[str, dict[str, An
 
 def test_roles_grant_no_wildcard_actions(template: dict[str, Any]) -> None:
     statements = _inline_statements(template)
-    assert {logical for logical, _ in statements} == {"ProducerRole", "JobRole"}
+    assert {logical for logical, _ in statements} == {"ProducerRole", "UploadRole", "JobRole"}
     for logical, statement in statements:
         assert statement["Effect"] == "Allow", (logical, statement)
         for action in _as_list(statement["Action"]):
@@ -45,7 +45,7 @@ def test_only_the_instance_role_uses_an_aws_managed_policy(template: dict[str, A
         logical: role["Properties"].get("ManagedPolicyArns", [])
         for logical, role in resources_of(template, "AWS::IAM::Role").items()
     }
-    assert managed["ProducerRole"] == [] and managed["JobRole"] == []
+    assert managed["ProducerRole"] == managed["UploadRole"] == managed["JobRole"] == []
     (arn,) = managed["InstanceRole"]
     assert arn["Fn::Sub"].endswith(
         ":iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role"
@@ -92,10 +92,13 @@ def test_bucket_sends_events_to_eventbridge_and_is_private(template: dict[str, A
 def test_rule_patterns_and_lambda_suffixes_match_the_producer_defaults(
     template: dict[str, Any],
 ) -> None:
-    function = template["Resources"]["ProducerFunction"]["Properties"]
-    env = function["Environment"]["Variables"]
-    assert tuple(env["BOTTLENECK_SUFFIXES"].split(",")) == DEFAULT_SUFFIXES
+    for logical in ("ProducerFunction", "UploadFunction"):
+        function = template["Resources"][logical]["Properties"]
+        env = function["Environment"]["Variables"]
+        assert tuple(env["BOTTLENECK_SUFFIXES"].split(",")) == DEFAULT_SUFFIXES, logical
     pattern = template["Resources"]["UploadRule"]["Properties"]["EventPattern"]
+    # Uploads and deletes (lifecycle expirations are "Object Deleted" too), nothing else.
+    assert pattern["detail-type"] == ["Object Created", "Object Deleted"]
     wildcards = {item["wildcard"]["Fn::Sub"] for item in pattern["detail"]["object"]["key"]}
     expected = {"${InputPrefix}*" + s for s in DEFAULT_SUFFIXES}
     expected |= {"${InputPrefix}*" + s.upper() for s in DEFAULT_SUFFIXES}
@@ -116,16 +119,26 @@ def test_prefix_parameters_keep_outputs_apart_from_inputs(template: dict[str, An
 
 
 def test_lambda_runtime_logging_and_concurrency(template: dict[str, Any]) -> None:
-    function = template["Resources"]["ProducerFunction"]["Properties"]
-    major, minor = (int(x) for x in function["Runtime"].removeprefix("python").split("."))
-    assert (major, minor) >= (3, 12)
-    assert function["ReservedConcurrentExecutions"] == 1
-    assert function["LoggingConfig"]["LogFormat"] == "JSON"
-    assert function["LoggingConfig"]["LogGroup"] == {"Ref": "ProducerLogGroup"}
-    assert function["Code"] == {
-        "S3Bucket": {"Ref": "LambdaCodeBucket"},
-        "S3Key": {"Ref": "LambdaCodeKey"},
-    }
+    functions = resources_of(template, "AWS::Lambda::Function")
+    assert set(functions) == {"ProducerFunction", "UploadFunction"}
+    for logical, resource in functions.items():
+        function = resource["Properties"]
+        major, minor = (int(x) for x in function["Runtime"].removeprefix("python").split("."))
+        assert (major, minor) >= (3, 12)
+        assert function["LoggingConfig"]["LogFormat"] == "JSON"
+        assert function["LoggingConfig"]["LogGroup"] == {
+            "Ref": logical.replace("Function", "LogGroup")
+        }
+        # One code, one handler: the handler takes every kind of event.
+        assert function["Handler"] == "producer_lambda.handler.lambda_handler"
+        assert function["Code"] == {
+            "S3Bucket": {"Ref": "LambdaCodeBucket"},
+            "S3Key": {"Ref": "LambdaCodeKey"},
+        }
+    # The scaler runs one at a time; the upload path is not capped at one (nor by reserved
+    # concurrency at all: the event source mapping's MaximumConcurrency caps it).
+    assert functions["ProducerFunction"]["Properties"]["ReservedConcurrentExecutions"] == 1
+    assert "ReservedConcurrentExecutions" not in functions["UploadFunction"]["Properties"]
     for log_group in resources_of(template, "AWS::Logs::LogGroup").values():
         assert log_group["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
 
@@ -154,7 +167,7 @@ def test_alarms_watch_dead_letter_depth(template: dict[str, Any]) -> None:
         assert properties["Threshold"] == 0
         (dimension,) = properties["Dimensions"]
         watched.add(dimension["Value"]["Fn::GetAtt"][0])
-    assert watched == {"DeadLetterQueue", "EventDeadLetterQueue"}
+    assert watched == {"DeadLetterQueue", "EventDeadLetterQueue", "UploadDeadLetterQueue"}
 
 
 def _dashboard(template: dict[str, Any]) -> dict[str, Any]:
@@ -189,4 +202,83 @@ def test_outputs(template: dict[str, Any]) -> None:
         "DeadLetterQueueUrl",
         "JobQueueArn",
         "DashboardUrl",
+        "UploadFunctionName",
+        "UploadQueueUrl",
+        "UploadDeadLetterQueueUrl",
     } <= set(template["Outputs"])
+
+
+def test_uploads_reach_the_upload_function_through_a_buffer_queue(template: dict[str, Any]) -> None:
+    resources = template["Resources"]
+    # GIVEN the upload rule THEN its one target is the buffer queue, with a dead-letter queue for
+    # what EventBridge cannot deliver; no rule invokes the upload function directly
+    (target,) = resources["UploadRule"]["Properties"]["Targets"]
+    assert target["Arn"] == {"Fn::GetAtt": ["UploadQueue", "Arn"]}
+    assert target["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": ["EventDeadLetterQueue", "Arn"]}}
+    permissions = resources_of(template, "AWS::Lambda::Permission").values()
+    assert all(p["Properties"]["FunctionName"] == {"Ref": "ProducerFunction"} for p in permissions)
+    # AND the buffer queue hands batches to the upload function, reporting failed items only
+    (mapping,) = resources_of(template, "AWS::Lambda::EventSourceMapping").values()
+    properties = mapping["Properties"]
+    assert properties["EventSourceArn"] == {"Fn::GetAtt": ["UploadQueue", "Arn"]}
+    assert properties["FunctionName"] == {"Ref": "UploadFunction"}
+    assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert properties["BatchSize"] == {"Ref": "UploadBatchSize"}
+    assert properties["MaximumBatchingWindowInSeconds"] == {"Ref": "UploadBatchWindowSeconds"}
+    assert properties["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "UploadMaxConcurrency"}}
+    parameters = template["Parameters"]
+    defaults = [
+        parameters[name]["Default"]
+        for name in ("UploadBatchSize", "UploadBatchWindowSeconds", "UploadMaxConcurrency")
+    ]
+    assert defaults == [100, 1, 10]  # fmt: skip
+    # Lambda: a batch over 10 needs a window of at least 1 s; a mapping's cap is at least 2
+    assert parameters["UploadBatchWindowSeconds"]["MinValue"] >= 1
+    assert parameters["UploadMaxConcurrency"]["MinValue"] >= 2
+    # AND the buffer outlasts a throttled batch and sets failing events aside after 5 receives
+    queue = resources["UploadQueue"]["Properties"]
+    timeout = resources["UploadFunction"]["Properties"]["Timeout"]
+    assert queue["VisibilityTimeout"] >= 6 * timeout
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["UploadDeadLetterQueue", "Arn"]},
+        "maxReceiveCount": 5,
+    }
+    dlq = resources["UploadDeadLetterQueue"]["Properties"]
+    assert dlq["MessageRetentionPeriod"] >= queue["MessageRetentionPeriod"]
+
+
+def test_only_the_upload_rule_may_send_to_the_buffer_queue(template: dict[str, Any]) -> None:
+    policies = [
+        p["Properties"]
+        for p in resources_of(template, "AWS::SQS::QueuePolicy").values()
+        if {"Ref": "UploadQueue"} in p["Properties"]["Queues"]
+    ]
+    (policy,) = policies  # a queue keeps one policy: a second would replace the first
+    assert policy["Queues"] == [{"Ref": "UploadQueue"}]
+    allows = [s for s in _statements(policy["PolicyDocument"]) if s["Effect"] == "Allow"]
+    assert allows == [
+        {
+            "Sid": "UploadRuleOnly",
+            "Effect": "Allow",
+            "Principal": {"Service": "events.amazonaws.com"},
+            "Action": "sqs:SendMessage",
+            "Resource": {"Fn::GetAtt": ["UploadQueue", "Arn"]},
+            "Condition": {"ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["UploadRule", "Arn"]}}},
+        }
+    ]
+
+
+def test_the_upload_function_never_scales_and_its_role_cannot(template: dict[str, Any]) -> None:
+    env = template["Resources"]["UploadFunction"]["Properties"]["Environment"]["Variables"]
+    assert not {"BOTTLENECK_JOB_QUEUE", "BOTTLENECK_JOB_DEFINITION"} & set(env)
+    actions = {
+        action
+        for logical, statement in _inline_statements(template)
+        if logical == "UploadRole"
+        for action in _as_list(statement["Action"])
+    }
+    assert not any(action.startswith("batch:") for action in actions)
+    # AND the scaler no longer sends messages: it reads the depth (and its DLQ is Lambda's)
+    scaler = [s for logical, s in _inline_statements(template) if logical == "ProducerRole"]
+    sends = [s for s in scaler if "sqs:SendMessage" in _as_list(s["Action"])]
+    assert [s["Resource"] for s in sends] == [{"Fn::GetAtt": ["EventDeadLetterQueue", "Arn"]}]
