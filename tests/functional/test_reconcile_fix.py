@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bottleneck_contract.messages import ImageRef, encode
-from bottleneck_tools import enqueue, reconcile
+from bottleneck_tools import enqueue, reconcile, reconcile_fix
 from bottleneck_tools.backfill import Listed
 from tests.corpus import photo_jpeg
 from tests.fakes import put_feature, put_image
@@ -439,7 +439,7 @@ class FlakyDeletes:
 def test_delete_batch_retries_throttled_keys_and_leaves_changed_files() -> None:
     fake = FlakyDeletes()
     files = [Listed("a", "ea"), Listed("b", "eb"), Listed("c", "ec")]
-    outcome = reconcile.delete_batch(fake, "feats", files, sleep=lambda _: None)  # type: ignore[arg-type]
+    outcome = reconcile_fix.delete_batch(fake, "feats", files, sleep=lambda _: None)  # type: ignore[arg-type]
     # Every delete is conditional on the ETag the file was listed with.
     assert fake.calls[0] == [
         {"Key": "a", "ETag": '"ea"'},
@@ -447,8 +447,8 @@ def test_delete_batch_retries_throttled_keys_and_leaves_changed_files() -> None:
         {"Key": "c", "ETag": '"ec"'},
     ]
     assert fake.calls[1] == [{"Key": "b", "ETag": '"eb"'}]
-    assert outcome == reconcile.DeleteOutcome(
-        deleted=("a", "b"), kept=(("c", reconcile.CHANGED),), failed=()
+    assert outcome == reconcile_fix.DeleteOutcome(
+        deleted=("a", "b"), kept=(("c", reconcile_fix.CHANGED),), failed=()
     )
 
 
@@ -457,4 +457,4 @@ def test_a_file_stale_both_ways_is_fixed_once() -> None:
     metadata = {"source-etag": "old", "fingerprint": OLD_FINGERPRINT}
     findings = reconcile.judge(image, "o/k.npy", metadata, "f" * 16)
     assert [f.kind for f in findings] == ["stale-etag", "stale-fingerprint"]
-    assert [reconcile.fix_group(f) for f in findings] == ["stale", None]
+    assert [reconcile_fix.fix_group(f) for f in findings] == ["stale", None]
