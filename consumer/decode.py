@@ -22,11 +22,41 @@ from consumer.errors import PermanentError
 # The formats the producer's default suffixes name. Anything else is refused before parsing:
 # every extra plugin is extra attack surface (and some, like EPS, shell out to Ghostscript).
 # (Multi-picture JPEGs from phones open through the JPEG plugin and report format "MPO".)
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# AVIF comes before HEIF: both plugins accept the generic "mif1" brand, and only Pillow's AVIF
+# plugin can decode AV1 (pillow-heif's libheif is built without it), while the AVIF plugin
+# declines an HEVC file and lets the HEIF one have it.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF")
 
 # Register every plugin once, up front: Image.open(formats=...) looks names up in the registry,
-# and WebP and TIFF register only on a full init.
+# and WebP, TIFF and AVIF register only on a full init.
 Image.init()
+
+
+def _register_phone_formats() -> None:
+    """HEIC/HEIF through pillow-heif, and one decoder thread per image for HEIF and AVIF.
+
+    Runs at import, so every process that decodes (the consumer, each decode child, which
+    imports this module in its fork server) can open HEIC. The consumer decodes one image per
+    core at a time; codec threads on top would only contend for the same cores, and each one's
+    stack counts against a decode child's address-space cap.
+    """
+    try:
+        from PIL import AvifImagePlugin
+
+        AvifImagePlugin.DEFAULT_MAX_THREADS = 1
+    except ImportError:  # a Pillow without AVIF: such files fail as unsupported-format
+        pass
+    try:
+        import pillow_heif
+    except ImportError:  # likewise for HEIF
+        return
+    # Only the primary image is used: no thumbnails, depth maps or auxiliary images decoded.
+    pillow_heif.register_heif_opener(
+        thumbnails=False, depth_images=False, aux_images=False, decode_threads=1
+    )
+
+
+_register_phone_formats()
 
 # Pillow's own bomb check warns above ~89 Mpx and raises above ~179 Mpx, from a process-global
 # setting. Our explicit per-config limit (checked first, below) replaces it, so the warning is
@@ -60,11 +90,13 @@ _KNOWN_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"DDS ", "DDS"),
     (0, b"<svg", "SVG"),
     (0, b"<?xml", "SVG/XML"),
-    (4, b"ftypheic", "HEIC"),
-    (4, b"ftypheix", "HEIC"),
-    (4, b"ftypmif1", "HEIF"),
-    (4, b"ftypavif", "AVIF"),
 )
+# ISO base media files (HEIF, AVIF, but also MP4 video) say what they are in their "ftyp" box:
+# a major brand and a list of compatible ones. An AVIF may carry the generic "mif1" as its major
+# brand, so every brand is looked at, and an AV1 brand anywhere makes it AVIF.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEVC_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"})
+_HEIF_BRANDS = frozenset({b"mif1", b"msf1", b"mif2"})
 
 # A 16-bit sample maps to 8 bits by v / 257 (65535 -> 255 exactly), rounded to nearest.
 _SIXTEEN_TO_EIGHT = 257.0
@@ -120,15 +152,22 @@ def open_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
 
 
 def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+    # An allowed format whose plugin is missing here (a Pillow without libavif, no pillow-heif)
+    # is left out rather than handed to Image.open, which would fail on the unknown name.
+    available = [name for name in formats if name in Image.OPEN]
     try:
         # Image.open parses the header only; pixels are decoded by load().
-        return Image.open(io.BytesIO(data), formats=list(formats))
+        return Image.open(io.BytesIO(data), formats=available)
     except Image.DecompressionBombError as exc:
         raise PermanentError("too-large", str(exc)) from exc
     except UnidentifiedImageError as exc:
         known = sniff_format(data)
-        if known in formats:
+        if known in available:
             raise PermanentError("not-an-image", f"damaged {known} header") from exc
+        if known in formats:
+            raise PermanentError(
+                "unsupported-format", f"{known}: no decoder for it is installed here"
+            ) from exc
         if known is not None:
             raise PermanentError(
                 "unsupported-format",
@@ -141,11 +180,27 @@ def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The name of a known but refused format from its leading bytes, or None."""
+    """The name of a known image format from its leading bytes (Pillow's name where it has a
+    plugin), or None."""
     head = data[:32]
     for offset, signature, name in _KNOWN_SIGNATURES:
         if head[offset : offset + len(signature)] == signature:
             return name
+    return _sniff_iso_media(data)
+
+
+def _sniff_iso_media(data: bytes) -> str | None:
+    """AVIF or HEIF, named from an ISO base media file's ftyp box; None for anything else."""
+    if data[4:8] != b"ftyp":
+        return None
+    size = int.from_bytes(data[:4], "big")
+    box = data[8 : min(max(size, 16), 1024, len(data))]
+    # The major brand, then (after a 4-byte minor version) the compatible brands.
+    brands = {box[:4]} | {box[i : i + 4] for i in range(8, len(box) - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & (_HEVC_BRANDS | _HEIF_BRANDS):
+        return "HEIF"
     return None
 
 
@@ -164,16 +219,41 @@ def _draft(image: Image.Image, size: tuple[int, int]) -> None:
 
 def _load(image: Image.Image) -> None:
     try:
-        image.seek(0)
+        # A HEIF opens at its primary image, which need not be image 0 (a burst, an edit kept
+        # beside the original); every other format opens at the first frame.
+        if image.format != "HEIF":
+            image.seek(0)
         image.load()
     except Image.DecompressionBombError as exc:
         raise PermanentError("too-large", str(exc)) from exc
+    except RuntimeError as exc:
+        if image.format != "HEIF":
+            raise
+        raise _heif_failure(exc) from exc
     except (OSError, EOFError, SyntaxError, ValueError, IndexError, struct.error) as exc:
+        if image.format == "HEIF":
+            raise _heif_failure(exc) from exc
         # Pillow reports a short file as "image file is truncated", "Truncated File Read" or a
         # broken data stream (struct.error escapes from some chunk parsers); with
         # LOAD_TRUNCATED_IMAGES off (the default) it never pads the missing part with grey.
         detail = f"{image.format} data ends early or is corrupt: {exc}"
         raise PermanentError("truncated", detail) from exc
+
+
+def _heif_failure(exc: BaseException) -> PermanentError:
+    """A HEIF that did not decode, by libheif's error as pillow-heif raises it ("code: subcode:
+    message"): ValueError or EOFError for invalid or missing data, SyntaxError for a feature it
+    does not support, RuntimeError for the rest (a codec not built in, a codec's own failure, a
+    memory or security limit)."""
+    text = " ".join(str(exc).split())
+    if "Security limit exceeded" in text or text.startswith("Memory allocation error"):
+        return PermanentError("too-large", f"HEIF: {text}")
+    unsupported = isinstance(exc, SyntaxError) or (
+        isinstance(exc, RuntimeError) and not text.startswith("Decoder plugin")
+    )
+    if unsupported:
+        return PermanentError("unsupported-format", f"HEIF: {text}")
+    return PermanentError("truncated", f"HEIF data ends early or is corrupt: {text}")
 
 
 def _oriented(image: Image.Image) -> Image.Image:

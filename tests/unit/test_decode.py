@@ -162,7 +162,7 @@ def test_draft_scales_only_large_jpegs_and_keeps_at_least_the_target() -> None:
     ("head", "name"),
     [
         (b"%PDF-1.7", "PDF"),
-        (b"\x00\x00\x00\x18ftypheic", "HEIC"),
+        (b"\x00\x00\x00\x18ftypheic", "HEIF"),
         (b"\xff\xd8\xff\xe0", "JPEG"),
         (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "WEBP"),
         (b"just text", None),
