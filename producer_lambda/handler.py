@@ -126,6 +126,8 @@ def handle(
         suffixes=settings.suffixes, input_prefix=settings.input_prefix, output=settings.output
     )
     selection = select(event, key_filter)
+    if selection.removals and s3 is None:
+        raise ValueError("handle() needs an s3 client for an event with deletions")
     outcome = send_all(sqs, settings.queue_url, selection.images, sleep=sleep)
     for failure in outcome.failed:
         log(
@@ -158,10 +160,8 @@ def is_scheduled(event: Mapping[str, Any]) -> bool:
 
 
 def _remove(s3: S3Client | None, settings: Settings, selection: Selection) -> list[RemovalOutcome]:
-    if not selection.removals:
+    if not selection.removals or s3 is None:
         return []
-    if s3 is None:
-        raise ValueError("handle() needs an s3 client for an event with deletions")
     removed = remove_all(s3, settings.output, selection.removals.values())
     for item in removed:
         fields: dict[str, Any] = {
