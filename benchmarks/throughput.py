@@ -618,6 +618,10 @@ class CountedObjects:
         self.counter.tally("DeleteObject")
         return bool(self.inner.delete(bucket, key, if_match=if_match))
 
+    def copy(self, bucket: str, source_key: str, key: str, **options: Any) -> None:
+        self.counter.tally("CopyObject")
+        self.inner.copy(bucket, source_key, key, **options)
+
 
 def consumer_argv(args: argparse.Namespace, batch_size: int, queue: str, dlq: str) -> list[str]:
     argv = [

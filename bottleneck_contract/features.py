@@ -17,15 +17,18 @@ __all__ = [
     "DTYPE",
     "FEATURE_SUFFIX",
     "FINGERPRINT",
+    "HEAD",
     "MAX_KEY_BYTES",
     "MAX_METADATA_BYTES",
     "METADATA_KEYS",
     "MODEL",
+    "NORMALIZE",
     "POOL",
     "SHAPE",
     "SOURCE_BUCKET",
     "SOURCE_ETAG",
     "SOURCE_KEY",
+    "SOURCE_SHA256",
     "WEIGHTS",
     "decode_key",
     "decode_weights",
@@ -53,6 +56,13 @@ POOL = "pool"
 SHAPE = "shape"
 DTYPE = "dtype"
 FINGERPRINT = "fingerprint"
+# Beyond INTERFACE.md's keys: what the pooled vector is (the model's head kept or dropped) and
+# whether it was L2-normalised, so a reader knows which space the numbers are in.
+HEAD = "head"
+NORMALIZE = "normalize"
+# Beyond INTERFACE.md's keys: SHA-256 of the image bytes the features were computed from (what
+# --dedupe content matches on; also lets a user find identical images).
+SOURCE_SHA256 = "source-sha256"
 METADATA_KEYS = (
     SOURCE_BUCKET,
     SOURCE_KEY,
@@ -110,6 +120,9 @@ def feature_metadata(
     shape: tuple[int, ...],
     dtype: str,
     fingerprint: str,
+    source_sha256: str = "",
+    head: str = "",
+    normalize: str = "",
 ) -> dict[str, str]:
     """The contract's user metadata for one feature file, always within S3's 2 KB.
 
@@ -127,6 +140,12 @@ def feature_metadata(
         DTYPE: dtype,
         FINGERPRINT: fingerprint,
     }
+    if source_sha256:
+        meta[SOURCE_SHA256] = source_sha256
+    if head:
+        meta[HEAD] = head
+    if normalize:
+        meta[NORMALIZE] = normalize
     if metadata_size(meta) > MAX_METADATA_BYTES:
         meta[SOURCE_KEY] = _HASHED + hashlib.sha256(source_key.encode("utf-8")).hexdigest()
     return meta

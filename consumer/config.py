@@ -34,6 +34,8 @@ class Config:
     model: str = "resnet50"
     weights: str = "pretrained"
     pool: str = "avg"
+    head: str = "auto"
+    normalize: str = "none"
     feature_dtype: str = "float32"
     batch_size: int = 64
     max_wait_ms: int = 200
@@ -43,7 +45,9 @@ class Config:
     overwrite: bool = False
     existing_check: str = "write"
     orphan_check: str = "off"
+    dedupe: str = "off"
     s3_client: str = "auto"
+    sqs_client: str = "auto"
     decode: str = "auto"
     receivers: int = 2
     fetch_concurrency: int = 16
@@ -106,6 +110,7 @@ class Config:
             if required not in values:
                 option = _BY_DEST[required]
                 raise ConfigError(f"{option.flag} (or {option.env}) is required")
+        _check_pooled_only(values)
         # "auto" switches resolve here, the one place that reads the environment: inside an AWS
         # Batch job (AWS_BATCH_JOB_ID is set by Batch) the Spot watch and EMF metrics are on.
         in_batch = bool(environ.get("AWS_BATCH_JOB_ID"))
@@ -118,6 +123,22 @@ class Config:
     def queue_name(self) -> str:
         """The work queue's name (the last part of its URL), the metrics' ``Queue`` dimension."""
         return self.queue_url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _check_pooled_only(values: Mapping[str, Any]) -> None:
+    """The head and the normalisation act on the pooled vector; a feature map has neither."""
+    if values.get("pool", "avg") == "avg":
+        return
+    if values.get("head") == "keep":
+        raise ConfigError(
+            "--head keep: needs --pool avg (the head takes the pooled vector; --pool none writes "
+            "the feature map before it)"
+        )
+    if values.get("normalize", "none") != "none":
+        raise ConfigError(
+            f"--normalize {values['normalize']}: needs --pool avg (a feature map is not one "
+            "vector: normalise it per position or as a whole, as its use needs, when reading it)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +295,19 @@ OPTIONS: tuple[Option, ...] = (
         "or random (demos and tests only)",
     ),
     Option("pool", _choice("avg", "none"), "avg: pooled pre-logits vector; none: feature map"),
+    Option(
+        "head",
+        _choice("auto", "keep", "drop"),
+        "drop: the pooled vector before the model's head (a classifier's pre-logits); keep: the "
+        "head's output (a CLIP image tower's projection into the image-text space); auto "
+        "(default): keep for CLIP-family image towers, drop for every other model",
+    ),
+    Option(
+        "normalize",
+        _choice("none", "l2"),
+        "l2: divide each feature vector by its L2 norm, on the device (for cosine similarity "
+        "search; a zero vector stays zero); none (default): as the model gives them",
+    ),
     Option("feature_dtype", _choice("float32", "float16"), "dtype of the written arrays"),
     Option("batch_size", _positive_int, "largest micro-batch (default 64)", "N"),
     Option("max_wait_ms", _non_negative_int, "longest a partial batch waits (default 200)", "MS"),
@@ -302,10 +336,24 @@ OPTIONS: tuple[Option, ...] = (
         "between fetch and write is left to bottleneck-reconcile --fix",
     ),
     Option(
+        "dedupe",
+        _choice("off", "content"),
+        "content: an image whose bytes (SHA-256) already have current features under the output "
+        "prefix gets a server-side copy of them instead of a forward pass (an index under "
+        "<output>_bottleneck/content/: one more HEAD per image, one more PUT per new content)",
+    ),
+    Option(
         "s3_client",
         _choice("auto", "obstore", "boto3"),
         "client for the per-image GET, HEAD and conditional PUT: obstore (native, GIL released), "
         "boto3, or auto (obstore when installed)",
+    ),
+    Option(
+        "sqs_client",
+        _choice("auto", "lean", "boto3"),
+        "client for ReceiveMessage and the delete, visibility and dead-letter batches: lean "
+        "(signed JSON over kept-alive HTTP, a fraction of botocore's CPU), boto3, or auto (lean "
+        "unless the endpoint needs a proxy or moto mocks AWS in-process)",
     ),
     Option(
         "decode",

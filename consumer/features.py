@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,12 +32,29 @@ class FeatureSettings:
     dtype: str
     precision: str
     decode: str
+    head: str  # "keep" or "drop", resolved (never "auto")
+    normalize: str
+    # The libraries that compute the numbers, major.minor (see library_versions): a patch
+    # release must not make every feature file out of date; a minor one may change kernels,
+    # resampling or model code.
+    libraries: str
 
     def fingerprint(self) -> str:
         """A short hash of every numeric setting (16 hex digits of SHA-256 over canonical JSON)."""
         doc = asdict(self)
         canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=list)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def major_minor(version: str) -> str:
+    """``2.14.1+cu130`` -> ``2.14``; a version without a major.minor start stays as it is."""
+    match = re.match(r"\d+\.\d+", version)
+    return match.group(0) if match else version
+
+
+def library_versions(versions: dict[str, str]) -> str:
+    """``pillow=13.0 timm=1.0 torch=2.14``: the libraries' versions, major.minor, sorted."""
+    return " ".join(f"{name}={major_minor(v)}" for name, v in sorted(versions.items()))
 
 
 def output_key(prefix: str, source_key: str) -> str:
@@ -59,6 +77,7 @@ def metadata(
     settings: FeatureSettings,
     fingerprint: str,
     shape: tuple[int, ...],
+    source_sha256: str = "",
 ) -> dict[str, str]:
     """The contract's user metadata for one feature file written with ``settings``."""
     return feature_metadata(
@@ -71,6 +90,9 @@ def metadata(
         shape=shape,
         dtype=settings.dtype,
         fingerprint=fingerprint,
+        head=settings.head,
+        normalize=settings.normalize,
+        source_sha256=source_sha256,
     )
 
 

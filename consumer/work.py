@@ -40,8 +40,11 @@ class ImageTask:
     ref: ImageRef
     output_key: str = ""
     source_etag: str = ""
+    content_sha256: str = ""  # of the fetched bytes: metadata, and --dedupe content's index
     data: bytes | None = None
     pixels: np.ndarray | torch.Tensor | None = None  # on the device with --decode cuda
     features: np.ndarray | None = None
-    outcome: str | None = None  # written | replaced | exists | superseded | source-gone | dropped
+    outcome: str | None = (
+        None  # written | replaced | exists | superseded | source-gone | copied | dropped
+    )
     failure: Failure | None = None

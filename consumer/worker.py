@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 
+from consumer.dedupe import ContentIndex
 from consumer.inflight import InFlight
 from consumer.metrics import MetricsEmitter
 from consumer.quarantine import Quarantine, max_receive_count
@@ -70,6 +71,11 @@ class Worker:
         self.inflight = InFlight(cfg.in_flight_limit, lambda action: self.acker.put(action))
         self.acker = Acker(work_queue=runtime.work_queue, inflight=self.inflight, stats=self.stats)
         self.decoded: queue.Queue[ImageTask] = queue.Queue(maxsize=2 * cfg.batch_size)
+        content_index = (
+            ContentIndex(runtime.objects, cfg.output.bucket, cfg.output.prefix, runtime.fingerprint)
+            if cfg.dedupe == "content"
+            else None
+        )
         self.writer = Writer(
             s3=runtime.objects,
             inflight=self.inflight,
@@ -81,6 +87,7 @@ class Worker:
             overwrite=cfg.overwrite,
             orphan_check=cfg.orphan_check == "head",
             concurrency=cfg.write_concurrency,
+            content_index=content_index,
         )
         self.loader = Loader(
             s3=runtime.objects,
@@ -94,6 +101,8 @@ class Worker:
             output_bucket=cfg.output.bucket,
             fingerprint=runtime.fingerprint,
             head_first=cfg.existing_check == "head" and not cfg.overwrite,
+            # --overwrite recomputes everything: copies of existing features would defeat it.
+            content_index=None if cfg.overwrite else content_index,
             decode_on_device=runtime.batch_decoder is not None,
         )
         self.inference = Inference(

@@ -3,8 +3,8 @@
 The consumer makes three kinds of S3 request per image: a GET into memory, a conditional PUT
 (create-only, or ``If-Match`` on a seen ETag) with user metadata, and a HEAD that returns user
 metadata; and, rarely, a conditional DELETE (a feature file written for an image deleted
-meanwhile). :class:`ObjectClient` is exactly that surface; :mod:`consumer.storage` builds the
-idempotent write protocol on top of it.
+meanwhile) and, with ``--dedupe content``, a server-side COPY. :class:`ObjectClient` is exactly
+that surface; :mod:`consumer.storage` builds the idempotent write protocol on top of it.
 
 - :class:`consumer.objects.native.NativeObjects` (obstore, Rust ``object_store``): the request,
   its signing, retries and body handling run in native code with the GIL released. The default
@@ -52,7 +52,7 @@ class ConditionFailed(Exception):
 
 
 class ObjectClient(Protocol):
-    """GET into memory, HEAD with user metadata, the conditional PUT and DELETE."""
+    """GET into memory, HEAD with user metadata, the conditional PUT and DELETE, and COPY."""
 
     name: str
 
@@ -84,6 +84,19 @@ class ObjectClient(Protocol):
     def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
         """Delete the object only while its ETag is ``if_match``; ``False`` when it has changed
         or is already gone (nothing deleted)."""
+        ...
+
+    def copy(
+        self,
+        bucket: str,
+        source_key: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str,
+    ) -> None:
+        """Copy ``source_key`` to ``key`` in ``bucket`` server-side, with ``metadata`` and
+        ``content_type`` instead of the source's; a missing source raises ``not-found``."""
         ...
 
 

@@ -88,3 +88,22 @@ class BotoObjects:
                 return False
             raise
         return True
+
+    def copy(
+        self,
+        bucket: str,
+        source_key: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str,
+    ) -> None:
+        aws.call(
+            self.s3.copy_object,
+            Bucket=bucket,
+            Key=key,
+            CopySource={"Bucket": bucket, "Key": source_key},
+            Metadata=dict(metadata),
+            MetadataDirective="REPLACE",
+            ContentType=content_type,
+        )

@@ -206,6 +206,19 @@ class NativeObjects:
         # flight, so botocore's cost here does not matter.
         return self.fallback.delete(bucket, key, if_match=if_match)
 
+    def copy(
+        self,
+        bucket: str,
+        source_key: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str,
+    ) -> None:
+        # object_store's copy keeps the source's metadata; ours must say which image it is for.
+        # One request per duplicate image, and it saves a decode and a forward pass.
+        self.fallback.copy(bucket, source_key, key, metadata=metadata, content_type=content_type)
+
     def _store(self, bucket: str) -> S3Store:
         store = self._stores.get(bucket)
         if store is None:

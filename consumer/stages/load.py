@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bottleneck_contract.features import is_current
 from consumer import storage
+from consumer.dedupe import ContentIndex, content_hash
 from consumer.errors import classify
 from consumer.inflight import InFlight
 from consumer.objects import ObjectClient
@@ -41,6 +42,7 @@ class Loader:
         output_bucket: str,
         fingerprint: str,
         head_first: bool,
+        content_index: ContentIndex | None = None,
         decode_on_device: bool = False,
     ) -> None:
         self.s3 = s3
@@ -53,6 +55,7 @@ class Loader:
         self.output_bucket = output_bucket
         self.fingerprint = fingerprint
         self.head_first = head_first
+        self.content_index = content_index
         # --decode cuda: the inference thread decodes whole micro-batches on the device, so
         # the encoded bytes go straight to the batch queue.
         self.decode_on_device = decode_on_device
@@ -82,7 +85,10 @@ class Loader:
             fetched = storage.fetch(self.s3, task.ref, max_bytes=self.max_bytes)
             task.source_etag = fetched.etag
             task.data = fetched.data
+            task.content_sha256 = content_hash(fetched.data)
             if self.head_first and not task.ref.etag and self._already_done(task, fetched.etag):
+                return None
+            if self.content_index is not None and self._copied(task, self.content_index):
                 return None
         except Exception as exc:
             if self._deleted_since_sent(task, exc):
@@ -102,6 +108,27 @@ class Loader:
             return False
         self.stats.image_done("exists")
         self.inflight.done(task, "exists")
+        return True
+
+    def _copied(self, task: ImageTask, index: ContentIndex) -> bool:
+        """``--dedupe content``: the same bytes have current features: copy them, no pass."""
+        found = index.find(task.content_sha256)
+        if found is None:
+            return False
+        if found.key == task.output_key and found.metadata.get("source-etag") == task.source_etag:
+            outcome = "exists"  # our own file, from an earlier delivery
+        else:
+            index.copy(
+                found,
+                to_key=task.output_key,
+                source_bucket=task.ref.bucket,
+                source_key=task.ref.key,
+                source_etag=task.source_etag,
+            )
+            outcome = "copied"
+        task.data = None
+        self.stats.image_done(outcome)
+        self.inflight.done(task, outcome)
         return True
 
     def _deleted_since_sent(self, task: ImageTask, exc: BaseException) -> bool:

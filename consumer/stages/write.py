@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from consumer import storage
+from consumer.dedupe import ContentIndex
 from consumer.errors import classify
 from consumer.features import FeatureSettings, metadata, serialise
 from consumer.inflight import InFlight
@@ -15,6 +16,9 @@ from consumer.stats import Stats
 from consumer.work import ImageTask
 
 log = logging.getLogger(__name__)
+
+# Outcomes after which the file at the output key holds features computed here.
+_NEW_FEATURES = (storage.WriteOutcome.WRITTEN, storage.WriteOutcome.REPLACED)
 
 
 class Writer:
@@ -33,6 +37,7 @@ class Writer:
         overwrite: bool,
         orphan_check: bool,
         concurrency: int,
+        content_index: ContentIndex | None = None,
     ) -> None:
         self.s3 = s3
         self.inflight = inflight
@@ -43,6 +48,7 @@ class Writer:
         self.output_bucket = output_bucket
         self.overwrite = overwrite
         self.orphan_check = orphan_check
+        self.content_index = content_index
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="write")
 
     def submit(self, task: ImageTask) -> None:
@@ -65,6 +71,7 @@ class Writer:
                 settings=self.settings,
                 fingerprint=self.fingerprint,
                 shape=tuple(task.features.shape),
+                source_sha256=task.content_sha256,
             )
             outcome = storage.write_feature(
                 self.s3,
@@ -78,6 +85,8 @@ class Writer:
                 overwrite=self.overwrite,
                 orphan_check=self.orphan_check,
             )
+            if self.content_index is not None and outcome in _NEW_FEATURES:
+                self.content_index.record(task.content_sha256, task.output_key)
         except Exception as exc:
             failure = classify(exc)
             self.stats.image_failed(failure.error_code, permanent=failure.permanent)

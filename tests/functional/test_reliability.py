@@ -327,6 +327,9 @@ class DeletesTheSourceBeforeEachPut:
     def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
         return self.inner.delete(bucket, key, if_match=if_match)
 
+    def copy(self, bucket: str, source_key: str, key: str, **options: Any) -> None:
+        self.inner.copy(bucket, source_key, key, **options)
+
 
 @pytest.mark.parametrize(("orphan_check", "left"), [("head", 0), ("off", 3)])
 def test_orphan_check_removes_features_of_images_deleted_while_computed(

@@ -91,6 +91,9 @@ class Racing:
     def delete(self, bucket: str, key: str, *, if_match: str) -> bool:
         return self.inner.delete(bucket, key, if_match=if_match)
 
+    def copy(self, bucket: str, source_key: str, key: str, **options: Any) -> None:
+        self.inner.copy(bucket, source_key, key, **options)
+
 
 class Vanishing(Racing):
     """The out-of-date feature file is deleted between our failed create and our HEAD."""
