@@ -1,16 +1,18 @@
-"""The backbone: a timm model without its classifier, on the chosen device and precision.
+"""The backbone: a timm model with or without its head, on the chosen device and precision.
 
 :class:`Backbone` takes uint8 NHWC batches (pinned host memory on CUDA), copies them without
 blocking, normalises on the device and runs the forward pass under ``torch.inference_mode``,
-returning float32 features: the pooled pre-logits vector (``pool="avg"``, the n-1 layer) or the
-unpooled feature map (``pool="none"``).
+returning float32 features: the pooled vector (``pool="avg"``), before the model's head (a
+classifier's pre-logits, the n-1 layer) or after it (a CLIP image tower's projection), optionally
+L2-normalised; or the unpooled feature map (``pool="none"``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -24,6 +26,16 @@ from consumer.weights import BAKE_HINT, WeightsSource
 log = logging.getLogger(__name__)
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Image towers of contrastive image-text models whose timm head is the projection into the joint
+# space, by the names timm gives them: "clip" (OpenAI CLIP, OpenCLIP, EVA-CLIP, MetaCLIP, DFN,
+# TinyCLIP, MobileCLIP's "mclip", ViTamin's "datacomp1b_clip", the CLIP ResNets and ConvNeXts)
+# and "pe_core" (Meta's Perception Encoder). SigLIP towers are left out: timm builds them with
+# no head (their attention pool's output is the embedding), so keep and drop are the same.
+_EMBEDDING_FAMILIES = ("clip", "pe_core")
+# timm tags a tower fine-tuned into a classifier with the label set it learnt ("openai_ft_in1k",
+# "laion2b_ft_in12k_in1k", "clip_laion2b_augreg_ft_in1k_384"): its head is then a classifier.
+_CLASSIFIER_TAG = re.compile(r"(?:^|[_./-])in(?:1|12|21|22)k(?:[_./-]|$)")
 
 
 def select_device(spec: str) -> torch.device:
@@ -52,14 +64,76 @@ def select_precision(spec: str, device: torch.device) -> str:
     return spec
 
 
-def create_model(name: str, weights: WeightsSource) -> tuple[torch.nn.Module, str]:
-    """Build ``name`` without its classifier and load ``weights``; return it and its identity.
+def is_embedding_tower(pretrained_cfg: Mapping[str, Any]) -> bool:
+    """Whether a timm pretrained config is a CLIP-family image tower whose head is a projection.
+
+    Three things must hold: the names (architecture, tag, hub id) say CLIP or Perception Encoder,
+    the config declares a head (``num_classes`` > 0: 512, 640, 768, 1024... for the projection's
+    width), and the tag names no classification fine-tune (``in1k``, ``in12k``, ``in21k``,
+    ``in22k``). Over timm's pretrained configs this splits them cleanly: every tower found has a
+    projection-sized head, every CLIP-named model left out has 0, 1000 or 11821 outputs.
+    """
+    names = " ".join(
+        str(pretrained_cfg.get(key) or "") for key in ("architecture", "tag", "hf_hub_id")
+    ).lower()
+    return (
+        int(pretrained_cfg.get("num_classes") or 0) > 0
+        and any(family in names for family in _EMBEDDING_FAMILIES)
+        and _CLASSIFIER_TAG.search(names) is None
+    )
+
+
+def resolve_head(requested: str, name: str, pool: str) -> str:
+    """``keep`` or ``drop`` for ``--head``: ``auto`` keeps a CLIP-family tower's head only.
+
+    With ``--pool none`` the feature map comes before any head: ``drop``, and ``keep`` is an
+    error. ``auto`` reads the model's pretrained config, without building the model.
+    """
+    if pool != "avg":
+        if requested == "keep":
+            raise ConfigError("--head keep: needs --pool avg (the feature map precedes the head)")
+        return "drop"
+    if requested != "auto":
+        return requested
+    cfg = _pretrained_cfg(name)
+    return "keep" if cfg is not None and is_embedding_tower(cfg) else "drop"
+
+
+def _pretrained_cfg(name: str) -> Mapping[str, Any] | None:
+    """timm's pretrained config for ``name`` (the default tag when none is given); None for an
+    architecture timm has no config for (create_model then reports an unknown model)."""
+    import timm.models
+
+    if name.startswith("hf-hub:"):
+        try:
+            # The hub's config.json, from the cache or the hub: what create_model reads too.
+            loaded = timm.models.load_model_config_from_hf(name[len("hf-hub:") :])
+        except Exception as exc:
+            raise ConfigError(
+                f"--head auto: cannot read the config of {name} ({type(exc).__name__}); "
+                "pass --head keep or --head drop"
+            ) from None
+        return cast("Mapping[str, Any]", loaded[0])
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as exc:  # a known architecture with an unknown tag
+        raise ConfigError(f"--model: {_line(exc)}") from None
+    return None if cfg is None else cfg.to_dict()
+
+
+def create_model(
+    name: str, weights: WeightsSource, *, head: str = "drop"
+) -> tuple[torch.nn.Module, str]:
+    """Build ``name`` with its head (``keep``) or without it (``drop``) and load ``weights``;
+    return it and its identity.
 
     Unknown models and unavailable pretrained weights raise :class:`ConfigError` in one line.
     """
     import timm
 
-    kwargs: dict[str, Any] = {"num_classes": 0}
+    # num_classes=0 replaces the head by an identity (timm's pre-logits); left out, the model
+    # keeps the head its pretrained config declares, and its weights are loaded with it.
+    kwargs: dict[str, Any] = {"num_classes": 0} if head == "drop" else {}
     try:
         if weights.kind == "random":
             # Seeded so that two workers (or a test and the consumer) get the same numbers.
@@ -119,6 +193,13 @@ def _line(exc: BaseException) -> str:
     return text[:300]
 
 
+def l2_normalize(features: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its L2 norm, in float32 on the features' device; a zero row stays
+    zero (divided by 1, not by 0: never NaN)."""
+    norm = torch.linalg.vector_norm(features, dim=1, keepdim=True)
+    return features / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
 @dataclass(frozen=True, slots=True)
 class PendingFeatures:
     """Features of one batch whose device-to-host copy may still be in flight."""
@@ -144,19 +225,24 @@ class Backbone:
         device: torch.device,
         precision: str,
         pool: str,
+        normalize: str = "none",
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
+        if normalize != "none" and pool != "avg":
+            raise ConfigError(f"--normalize {normalize}: needs --pool avg")
         self.spec = spec
         self.device = device
         self.precision = precision
         self.pool = pool
+        self.l2 = normalize == "l2"
         self.channels_last = channels_last
         model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
-        # What --pool asks for: timm's pooled pre-logits (num_classes=0) or the feature map.
+        # What --pool asks for: the model's pooled output (pre-logits when it was built with
+        # num_classes=0, the head's output when its head was kept) or the feature map.
         forward = model if pool == "avg" else model.forward_features
         self._forward = cast(Callable[[torch.Tensor], torch.Tensor], forward)
         self.compiled = compile
@@ -208,6 +294,8 @@ class Backbone:
             with self._autocast():
                 out = self._forward(x)
             out = out.float()
+            if self.l2:
+                out = l2_normalize(out)
             if self.device.type != "cuda":
                 return PendingFeatures(out.contiguous(), None)
             host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)

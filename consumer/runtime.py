@@ -20,8 +20,15 @@ from consumer.aws import Clients, make_clients
 from consumer.config import Config
 from consumer.decode import DecodeLimits
 from consumer.errors import ConfigError
-from consumer.features import FeatureSettings
-from consumer.model import Backbone, create_model, model_label, select_device, select_precision
+from consumer.features import FeatureSettings, library_versions
+from consumer.model import (
+    Backbone,
+    create_model,
+    model_label,
+    resolve_head,
+    select_device,
+    select_precision,
+)
 from consumer.objects import ObjectClient, open_objects
 from consumer.preprocess import ImagePreparer, InputSpec, Preparer
 from consumer.sqs import WorkQueue, resolve_dead_letter_url
@@ -59,7 +66,8 @@ def build_backbone(
     precision = select_precision(config.precision, device)
     s3 = clients.s3 if clients is not None else None
     weights = resolve_weights(config.weights, seed=config.seed, cache_dir=config.cache_dir, s3=s3)
-    model, weights_identity = create_model(config.model, weights)
+    head = resolve_head(config.head, config.model, config.pool)
+    model, weights_identity = create_model(config.model, weights, head=head)
     spec = InputSpec.from_model(model)
     backbone = Backbone(
         model,
@@ -67,6 +75,7 @@ def build_backbone(
         device=device,
         precision=precision,
         pool=config.pool,
+        normalize=config.normalize,
         channels_last=config.channels_last,
         compile=config.compile,
     )
@@ -78,8 +87,20 @@ def build_backbone(
         dtype=config.feature_dtype,
         precision=precision,
         decode=resolve_decode(config.decode, device),
+        head=head,
+        normalize=config.normalize,
+        libraries=library_versions(numeric_libraries()),
     )
     return backbone, settings
+
+
+def numeric_libraries() -> dict[str, str]:
+    """The versions of the libraries whose code computes the numbers: timm (the model code and
+    the data config), torch (the kernels), Pillow (decoding, resizing)."""
+    import PIL
+    import timm
+
+    return {"pillow": PIL.__version__, "timm": timm.__version__, "torch": torch.__version__}
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
@@ -193,6 +214,9 @@ def build_runtime(
                 "device": str(backbone.device),
                 "precision": settings.precision,
                 "pool": settings.pool,
+                "head": settings.head,
+                "normalize": settings.normalize,
+                "libraries": settings.libraries,
                 "feature_shape": list(feature_shape),
                 "input": list(backbone.spec.input_size),
                 "fingerprint": runtime.fingerprint,

@@ -19,7 +19,14 @@ from bottleneck_contract.features import (
     source_key_of,
 )
 from consumer.errors import PermanentError
-from consumer.features import FeatureSettings, metadata, output_key, serialise
+from consumer.features import (
+    FeatureSettings,
+    library_versions,
+    major_minor,
+    metadata,
+    output_key,
+    serialise,
+)
 from consumer.preprocess import InputSpec
 
 SPEC = InputSpec(
@@ -38,6 +45,9 @@ SETTINGS = FeatureSettings(
     dtype="float32",
     precision="fp32",
     decode="pil",
+    head="drop",
+    normalize="none",
+    libraries="pillow=13.0 timm=1.0 torch=2.14",
 )
 
 
@@ -104,8 +114,12 @@ def test_metadata_has_exactly_the_contract_keys() -> None:
         "shape",
         "dtype",
         "fingerprint",
+        # additions: which space the vector is in
+        "head",
+        "normalize",
     }
     assert meta["source-key"] == "photos/cat%201.jpg"
+    assert (meta["head"], meta["normalize"]) == ("drop", "none")
     assert meta["shape"] == "2048"
     assert all(v.isascii() for v in meta.values())
 
@@ -131,6 +145,9 @@ NUMERIC_CHANGES = {
     "dtype": "float16",
     "precision": "bf16",
     "decode": "pil-draft",
+    "head": "keep",
+    "normalize": "l2",
+    "libraries": "pillow=13.0 timm=1.1 torch=2.14",
     "spec.input_size": (3, 256, 256),
     "spec.interpolation": "bilinear",
     "spec.mean": (0.5, 0.5, 0.5),
@@ -157,6 +174,29 @@ def test_fingerprint_is_stable_for_equal_settings() -> None:
     copy = FeatureSettings(**dataclasses.asdict(SETTINGS) | {"spec": dataclasses.replace(SPEC)})
     assert copy.fingerprint() == SETTINGS.fingerprint()
     assert len(SETTINGS.fingerprint()) == 16
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("2.14.1+cu130", "2.14"), ("1.0.31", "1.0"), ("13.0.0", "13.0"), ("2.6.0.dev20250101", "2.6")],
+)
+def test_versions_count_to_the_minor_release(version: str, expected: str) -> None:
+    assert major_minor(version) == expected
+
+
+def test_a_patch_release_keeps_the_fingerprint_and_a_minor_one_changes_it() -> None:
+    # GIVEN the libraries' versions as the runtime reads them
+    def fingerprint(torch: str, timm: str, pillow: str) -> str:
+        libraries = library_versions({"torch": torch, "timm": timm, "pillow": pillow})
+        return dataclasses.replace(SETTINGS, libraries=libraries).fingerprint()
+
+    base = fingerprint("2.14.1+cu130", "1.0.31", "13.0.0")
+    # THEN a patch release of any of them changes nothing
+    assert fingerprint("2.14.2+cu130", "1.0.32", "13.0.1") == base
+    # AND a minor release of each one does
+    assert fingerprint("2.15.0+cu130", "1.0.31", "13.0.0") != base
+    assert fingerprint("2.14.1+cu130", "1.1.0", "13.0.0") != base
+    assert fingerprint("2.14.1+cu130", "1.0.31", "13.1.0") != base
 
 
 def test_is_current_needs_both_etag_and_fingerprint() -> None:
