@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+# Importing consumer.decode registers the HEIF opener (pillow-heif) and sets the AVIF plugin's
+# threads: the fork server preloads this module, so every child opens phone photos too.
 from consumer.decode import DecodeLimits
 from consumer.errors import PermanentError, TransientError, classify
 
