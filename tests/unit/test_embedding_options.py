@@ -133,6 +133,40 @@ def test_explicit_choices_win_and_a_feature_map_has_no_head() -> None:
         resolve_head("keep", CLIP, "none")
 
 
+def test_hub_models_are_judged_by_their_config_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN models named by their Hugging Face repository (the config as timm parses it)
+    configs = {
+        "timm/vit_base_patch16_clip_224.openai": {
+            "architecture": "vit_base_patch16_clip_224",
+            "num_classes": 512,
+        },
+        "timm/vit_base_patch16_clip_224.openai_ft_in1k": {
+            "architecture": "vit_base_patch16_clip_224",
+            "num_classes": 1000,
+        },
+    }
+
+    def load(model_id: str) -> tuple[dict[str, Any], str, dict[str, Any]]:
+        if model_id not in configs:
+            raise OSError("offline and not cached")
+        cfg = configs[model_id] | {"hf_hub_id": model_id}
+        return cfg, str(cfg["architecture"]), {}
+
+    monkeypatch.setattr(timm.models, "load_model_config_from_hf", load)
+
+    # THEN the tower keeps its projection, its fine-tuned classifier does not
+    assert resolve_head("auto", "hf-hub:timm/vit_base_patch16_clip_224.openai", "avg") == "keep"
+    assert (
+        resolve_head("auto", "hf-hub:timm/vit_base_patch16_clip_224.openai_ft_in1k", "avg")
+        == "drop"
+    )
+    # AND a config that cannot be read is one line that says what to do
+    with pytest.raises(ConfigError, match="pass --head keep or --head drop"):
+        resolve_head("auto", "hf-hub:someone/unknown", "avg")
+    # AND an explicit choice needs no config at all
+    assert resolve_head("drop", "hf-hub:someone/unknown", "avg") == "drop"
+
+
 def test_an_unknown_tag_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="--model"):
         resolve_head("auto", "resnet50.no_such_tag", "avg")
