@@ -341,11 +341,14 @@ def test_job_role_allows_exactly_what_the_consumer_calls(stack: Stack) -> None:
         "sqs:SendMessage",
         "s3:GetObject",
         "s3:PutObject",
+        "s3:DeleteObject",
         "s3:ListBucket",
     }
     assert allowed["sqs:SendMessage"] == [_queue_arn(stack.outputs["DeadLetterQueueUrl"])]
     bucket = stack.outputs["InputBucketName"]
-    assert allowed["s3:PutObject"] == [f"arn:aws:s3:::{bucket}/features/*"]
+    # DeleteObject: the quarantine's markers and --orphan-check head, only under the output prefix
+    for action in ("s3:PutObject", "s3:DeleteObject"):
+        assert allowed[action] == [f"arn:aws:s3:::{bucket}/features/*"], action
     assert sorted(allowed["s3:GetObject"]) == [
         f"arn:aws:s3:::{bucket}/features/*",
         f"arn:aws:s3:::{bucket}/images/*",
