@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.accounting import NATIVE_GROUP, ModelClock
+from benchmarks.costs import cost_table, format_costs, unpriced
 from benchmarks.gil import GilReport, PySpyGil, RunQueueClock, gil_sampler, on_cpu_seconds
 
 FEED_MODEL = "test_vit"
@@ -290,8 +291,12 @@ def _run_window(
             "requests_per_image": counter.per_image(images),
             "moto_cpu_ms_per_image": round(1000 * moto_cpu / images, 2),
             "ceilings": ceilings(gil_cpu_ms, cpu_ms),
+            "unpriced_requests": unpriced(counter.per_image(images)),
             "wall_clock": ["seconds", "images_per_s", "gil_ms_per_image"],
         }
+    )
+    result["costs_per_million_images"] = cost_table(
+        result["requests_per_image"], result["ceilings"]["rows"]
     )
     return result
 
@@ -335,6 +340,9 @@ def format_feed(row: dict[str, Any]) -> str:
             f"{r['process_ceiling_images_per_s'] or '-':>9} {r['bound_images_per_s']:>7} "
             f"{r['bound_by']:>4} {r['images_per_usd']:>9} {r['images_per_usd_processes']:>12}"
         )
+    lines.append(format_costs(row["costs_per_million_images"]))
+    if row.get("unpriced_requests"):
+        lines.append(f"(not priced: {', '.join(row['unpriced_requests'])})")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from obstore.store import MemoryStore
 
 from benchmarks import throughput
 from benchmarks.accounting import NATIVE_GROUP, S3_NATIVE_GROUP, native_group
+from benchmarks.costs import cost_table, image_cost, layout_requests, unpriced
 from benchmarks.feed import INSTANCES, ceilings
 from benchmarks.gil import on_cpu_seconds, parse_raw
 
@@ -107,3 +108,45 @@ def test_obstores_native_io_threads_count_as_s3_work_and_other_native_threads_as
     # THEN obstore's are S3 work, not the model's; a thread named otherwise stays the model's
     assert S3_NATIVE_GROUP in groups
     assert native_group(threading.main_thread().native_id or 0) == NATIVE_GROUP
+
+
+def test_cost_per_million_images_counts_each_request_at_its_price() -> None:
+    # GIVEN the consumer's requests per image for per-image files (one GET, one PUT, a tenth of
+    # a receive and of a delete batch) on an instance at $0.98/h feeding 2,000 images/s
+    per_image = {
+        "GetObject": 1.0,
+        "PutObject": 1.0,
+        "ReceiveMessage": 0.1,
+        "DeleteMessageBatch": 0.1,
+    }
+
+    # WHEN it is priced
+    cost = image_cost(per_image, usd_per_hour=0.98, images_per_s=2000)
+
+    # THEN S3 is $5.40, SQS $0.08, the instance 0.98 / 7.2 M images per hour, plus the upload path
+    assert cost.s3 == pytest.approx(5.40)
+    assert cost.sqs == pytest.approx(0.08)
+    assert cost.instance == pytest.approx(0.98 / 7.2)
+    assert cost.upload_path == pytest.approx(0.54, abs=0.01)
+    assert cost.total == pytest.approx(5.40 + 0.08 + 0.98 / 7.2 + cost.upload_path)
+
+
+def test_shards_turn_a_put_per_image_into_two_per_shard() -> None:
+    per_image = {"GetObject": 1.0, "PutObject": 1.02, "HeadObject": 0.02, "ReceiveMessage": 0.1}
+    shards = layout_requests(per_image, "shards", shard_rows=10_000)
+    assert shards == {"GetObject": 1.0, "PutObject": 0.0002, "ReceiveMessage": 0.1}
+    assert layout_requests(per_image, "files") == per_image
+    rows = cost_table(per_image, [_ceiling_row()], shard_rows=10_000)
+    by_layout = {r["layout"]: r for r in rows}
+    assert by_layout["files"]["fed"]["s3"] == pytest.approx(0.4 + 5.1 + 0.008, abs=1e-3)
+    assert by_layout["shards"]["fed"]["s3"] == pytest.approx(0.4 + 0.001, abs=1e-3)
+    assert unpriced({"GetObject": 1.0, "Bogus": 1.0}) == ["Bogus"]
+
+
+def _ceiling_row() -> dict[str, object]:
+    return {
+        "instance": "g6.2xlarge",
+        "usd_per_hour": 0.98,
+        "gpu_images_per_s": 2000,
+        "bound_images_per_s": 1000,
+    }
