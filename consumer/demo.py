@@ -27,7 +27,19 @@ from PIL import Image, ImageDraw, ImageFilter
 IMAGE_BUCKET = "demo-images"
 FEATURE_BUCKET = "demo-features"
 CLASSES = ("circles", "squares", "stripes", "triangles")
-SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SUFFIXES = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+    ".avif",
+)
 
 
 def synthetic_image(kind: str, seed: int, size: tuple[int, int] = (500, 375)) -> bytes:

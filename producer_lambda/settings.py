@@ -39,6 +39,10 @@ DEFAULT_SUFFIXES: tuple[str, ...] = (
     ".gif",
     ".tif",
     ".tiff",
+    # Phone photos: HEIC/HEIF (the iPhone's default) and AVIF.
+    ".heic",
+    ".heif",
+    ".avif",
 )
 DEFAULT_MAX_JOBS = 4
 DEFAULT_MESSAGES_PER_JOB = 5000

@@ -27,7 +27,10 @@ def test_minimal_environment_gives_the_documented_defaults() -> None:
     assert settings.output == S3Location("feats", "resnet50/")
     assert settings.input_prefix == ""
     assert settings.suffixes == DEFAULT_SUFFIXES
-    assert settings.suffixes == (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+    assert settings.suffixes == (
+        *(".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+        *(".heic", ".heif", ".avif"),
+    )
     assert settings.scaling is None
 
 
