@@ -12,8 +12,18 @@ of another: ``a.jpg`` < ``a.jpg (1).jpg`` while ``a.jpg.npy`` > ``a.jpg (1).jpg.
 before '.'). :func:`in_feature_order` re-sorts the source stream by ``k + ".npy"`` with a small
 heap that only holds keys while later keys still start with them.
 
-A listing error (no such bucket, access denied) stops the run like an interrupt and is reported
-in ``error``.
+Fast sources. With ``list_concurrency`` above 1 the prefix is listed in parallel, split at its
+folders (:class:`bottleneck_tools.listing.ParallelListing`); with a ``manifest`` (an S3 Inventory,
+a key list, reconcile's findings: :mod:`bottleneck_tools.manifest`) nothing is listed and the
+manifest's data files are read in parallel. Either way each share of the key space (a prefix, a
+data file) is filtered and joined on a reading thread, and handed to the one sending thread a few
+hundred images at a time (:class:`bottleneck_tools.fanin.FanIn`), so sending starts with the first
+page. The join needs key order, which a listing part has and a manifest usually has: a manifest
+is joined in runs of keys in order, each run against the output listing from its first key on
+(``StartAfter``), so an unordered key list costs one output listing call per out-of-order key.
+
+A listing or reading error (no such bucket, access denied, a corrupt data file) stops the run
+like an interrupt and is reported in ``error``; what was read before it is still sent.
 
 Interrupts: Ctrl-C stops the listing, cancels batches not yet started and waits for the ones in
 flight, then returns with ``interrupted`` set. Sent and failed counts are tallied by the batches
@@ -26,6 +36,7 @@ too, so its messages are exactly the ones ``bottleneck-enqueue`` sends.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import threading
@@ -42,6 +53,9 @@ from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.logs import log
 from bottleneck_contract.messages import ImageRef
+from bottleneck_tools.fanin import FanIn, Stopped
+from bottleneck_tools.listing import DELIMITER, Listed, ParallelListing, Part, list_objects
+from bottleneck_tools.manifest import Manifest, ManifestError, Row
 from producer_lambda.backoff import error_code
 from producer_lambda.enqueue import MAX_BATCH, BatchOutcome, send_batch
 from producer_lambda.filters import KeyFilter
@@ -58,6 +72,7 @@ __all__ = [
     "MessageSender",
     "image_ref",
     "in_feature_order",
+    "key_order_runs",
     "list_objects",
     "run_backfill",
     "without_features",
@@ -66,17 +81,14 @@ __all__ = [
 T = TypeVar("T")
 
 SKIP_EXISTS = "feature-exists"
+# Images a reading task hands to the sending thread at a time: about a listing page's worth
+# after filtering, and few enough that the first batches go out while the page is still young.
+HAND_OVER = 200
+# Parallel listing: folders are split down to this depth, until this many parts per worker exist.
+SPLIT_DEPTH = 3
+PARTS_PER_WORKER = 4
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Listed:
-    """One object from a listing: key, ETag (quotes stripped) and size."""
-
-    key: str
-    etag: str | None = None
-    size: int | None = None
 
 
 @dataclass
@@ -111,17 +123,6 @@ class BackfillResult:
             "error": self.error,
             "first_failures": self.failures,
         }
-
-
-def list_objects(s3: S3Client, bucket: str, prefix: str) -> Iterator[Listed]:
-    """Every object under ``prefix``, in S3's order, one page in memory at a time."""
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            etag = obj.get("ETag")
-            yield Listed(
-                key=obj["Key"], etag=etag.strip('"') if etag else None, size=obj.get("Size")
-            )
 
 
 def in_feature_order(objects: Iterable[Listed], suffix: str = FEATURE_SUFFIX) -> Iterator[Listed]:
@@ -162,6 +163,45 @@ def without_features(
             skipped[SKIP_EXISTS] += 1
             continue
         yield image
+
+
+class _Run:
+    """One run of :func:`key_order_runs`: ``first``, then the keys that follow it in order."""
+
+    def __init__(self, first: Listed, rest: Iterator[Listed]) -> None:
+        self.first = first
+        self.next_first: Listed | None = None
+        self._rest = rest
+        self._walk = self._keys()
+
+    def __iter__(self) -> Iterator[Listed]:
+        return self._walk
+
+    def _keys(self) -> Iterator[Listed]:
+        previous = self.first
+        yield previous
+        for obj in self._rest:
+            if obj.key < previous.key:
+                self.next_first = obj
+                return
+            yield obj
+            previous = obj
+
+
+def key_order_runs(objects: Iterable[Listed]) -> Iterator[_Run]:
+    """Split a stream into its longest runs in key order (equal keys stay in one run).
+
+    A listing is one run; a manifest in key order is one run per data file. Each run is read
+    lazily from the stream, and must be read to its end before the next one is asked for.
+    """
+    rest = iter(objects)
+    first = next(rest, None)
+    while first is not None:
+        run = _Run(first, rest)
+        yield run
+        for _ in run:  # whatever the reader left of it
+            pass
+        first = run.next_first
 
 
 def image_ref(bucket: str, obj: Listed) -> ImageRef:
@@ -270,6 +310,113 @@ class MessageSender:
             self._on_outcome(outcome, tag)
 
 
+@dataclass
+class _Share:
+    """What a reading task hands to the sending thread: images, and what it read to find them."""
+
+    images: list[Listed] = field(default_factory=list)
+    listed: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def take(self) -> _Share | None:
+        """What was gathered since the last take (None if nothing); this share starts over."""
+        if not (self.images or self.listed or self.skipped):
+            return None
+        taken = _Share(self.images, self.listed, self.skipped.copy())
+        self.images = []
+        self.listed = 0
+        self.skipped.clear()
+        return taken
+
+
+class _PartReader:
+    """Reads one share of the key space on a reading thread: filter, skip what is done, hand over.
+
+    ``rows`` are a part's listing or a manifest data file's rows (a row may be a skip reason
+    already: a delete marker, another bucket). Counts travel with the images they were read
+    with, so that the run's summary covers exactly what the sending thread took.
+    """
+
+    def __init__(
+        self,
+        s3: S3Client,
+        source: S3Location,
+        key_filter: KeyFilter,
+        existing: S3Location | None,
+        hand_over: Callable[[_Share], None],
+    ) -> None:
+        self._s3 = s3
+        self._source = source
+        self._filter = key_filter
+        self._existing = existing
+        self._hand_over = hand_over
+
+    def read(self, part: Part, rows: Iterable[Row]) -> None:
+        """Read ``rows`` to the end (or to an error, after handing over what came before it)."""
+        share = _Share()
+
+        def accepted() -> Iterator[Listed]:
+            for row in rows:
+                share.listed += 1
+                if isinstance(row, str):
+                    share.skipped[row] += 1
+                    continue
+                reason = self._filter.reason(self._source.bucket, row.key, row.size)
+                if reason is None:
+                    yield row
+                else:
+                    share.skipped[reason] += 1
+
+        def hand_over() -> None:
+            taken = share.take()
+            if taken is not None:
+                self._hand_over(taken)
+
+        images: Iterable[Listed] = accepted()
+        if self._existing is not None:
+            images = self._not_done(part, images, self._existing, share.skipped)
+        try:
+            for image in images:
+                share.images.append(image)
+                if len(share.images) >= HAND_OVER:
+                    hand_over()
+        except Stopped:
+            raise
+        except BaseException:
+            hand_over()
+            raise
+        hand_over()
+
+    def read_data_file(self, part: Part, rows: Callable[[], Iterable[Row]]) -> None:
+        """:meth:`read` a manifest data file, opened here (on the reading thread)."""
+        self.read(part, rows())
+
+    def _not_done(
+        self, part: Part, images: Iterable[Listed], existing: S3Location, skipped: Counter[str]
+    ) -> Iterator[Listed]:
+        """The images without a feature file: each run in key order is merge-joined with the
+        output listing of the part, from the run's first key on."""
+        cut = len(existing.prefix)
+
+        def features_from(first_key: str) -> Iterator[str]:
+            for obj in list_objects(
+                self._s3,
+                existing.bucket,
+                existing.prefix + part.prefix,
+                # A part of the keys right under a folder has its feature files right under the
+                # output's folder: the delimiter keeps the sub-folders' files out of the join.
+                delimiter=DELIMITER if part.direct else None,
+                # Every feature name of a key >= first_key sorts after <prefix>first_key.
+                start_after=existing.prefix + first_key,
+            ):
+                yield obj.key[cut:]
+
+        for number, run in enumerate(key_order_runs(images)):
+            if number == 1:
+                log(_log, logging.WARNING, "keys-out-of-order", prefix=part.prefix)
+            yield from without_features(run, features_from(run.first.key), skipped)
+
+
 def run_backfill(
     *,
     s3: S3Client,
@@ -283,47 +430,64 @@ def run_backfill(
     on_sent: Callable[[int], None] | None = None,
     on_selected: Callable[[ImageRef], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    list_concurrency: int = 1,
+    manifest: Manifest | None = None,
 ) -> BackfillResult:
-    """List ``source``, keep what ``key_filter`` accepts and send it to ``queue_url``.
+    """List ``source`` (or read ``manifest``), keep what ``key_filter`` accepts, send it.
 
     ``existing``: an output location; images whose feature file is there are skipped. ``dry_run``
     sends nothing and calls ``on_selected`` for every image that would be sent. ``on_sent`` gets
-    the number of images of each batch sent (from a worker thread).
+    the number of images of each batch sent (from a worker thread). ``list_concurrency``: listings
+    (split at the prefix's folders) or manifest data files read in parallel; 1 lists the prefix
+    with one paginator. ``manifest``: read its keys instead of listing (they must still lie under
+    ``source``).
     """
     result = BackfillResult(dry_run=dry_run)
+    if not dry_run and (sqs is None or queue_url is None):
+        raise ValueError("sqs and queue_url are required unless dry_run")
     lock = threading.Lock()
+    fan: FanIn[_Share] = FanIn(list_concurrency, backlog=2 * list_concurrency, name="list")
+    reader = _PartReader(s3, source, key_filter, existing, fan.emit)
+    if manifest is not None:
+        for read_rows in manifest.parts:
+            fan.submit(functools.partial(reader.read_data_file, Part(source.prefix), read_rows))
+    else:
+        ParallelListing(
+            s3,
+            source.bucket,
+            submit=fan.submit,
+            on_part=reader.read,
+            enough=PARTS_PER_WORKER * list_concurrency,
+            max_depth=SPLIT_DEPTH if list_concurrency > 1 else 0,
+        ).start(source.prefix)
+    what = "reading the manifest" if manifest is not None else "listing"
 
-    def selected() -> Iterator[Listed]:
-        for obj in list_objects(s3, source.bucket, source.prefix):
-            result.listed += 1
-            reason = key_filter.reason(source.bucket, obj.key, obj.size)
-            if reason is None:
-                yield obj
-            else:
-                result.skipped[reason] += 1
-
-    stream: Iterable[Listed] = selected()
-    if existing is not None:
-        names = (
-            listed.key[len(existing.prefix) :]
-            for listed in list_objects(s3, existing.bucket, existing.prefix + source.prefix)
-        )
-        stream = without_features(stream, names, result.skipped)
+    def shares() -> Iterator[Listed]:
+        for share in fan.results():
+            # Images count as listed as they are taken: a Ctrl-C amid a share leaves the rest
+            # of it unlisted, so that listed = selected + skipped holds to the end.
+            result.listed += share.listed - len(share.images)
+            result.skipped.update(share.skipped)
+            for image in share.images:
+                result.listed += 1
+                yield image
 
     if dry_run:
         try:
-            for obj in stream:
+            for obj in shares():
                 result.selected += 1
                 if on_selected is not None:
                     on_selected(image_ref(source.bucket, obj))
         except KeyboardInterrupt:
             result.interrupted = True
-        except (ClientError, BotoCoreError) as exc:
-            result.error = _listing_error(exc)
+        except (ClientError, BotoCoreError, ManifestError) as exc:
+            result.error = _reading_error(what, exc)
+        finally:
+            if fan.close():
+                result.interrupted = True
         return result
 
-    if sqs is None or queue_url is None:
-        raise ValueError("sqs and queue_url are required unless dry_run")
+    assert sqs is not None and queue_url is not None
 
     def on_outcome(outcome: BatchOutcome, _tag: str) -> None:
         with lock:
@@ -348,7 +512,7 @@ def run_backfill(
         sqs, queue_url, concurrency=concurrency, on_outcome=on_outcome, sleep=sleep
     )
     try:
-        for obj in stream:
+        for obj in shares():
             # Counted before it is added: an add can wait for room, and a Ctrl-C there drops
             # the batch it completed, which must show in not_sent.
             result.selected += 1
@@ -356,12 +520,14 @@ def run_backfill(
         sender.flush()
     except KeyboardInterrupt:
         result.interrupted = True
-    except (ClientError, BotoCoreError) as exc:
-        result.error = _listing_error(exc)
+    except (ClientError, BotoCoreError, ManifestError) as exc:
+        result.error = _reading_error(what, exc)
     finally:
-        # A completed run waits for every batch; a stopped one (Ctrl-C, listing error) cancels
-        # the queued ones, which stay in not_sent.
+        # A completed run waits for every batch; a stopped one (Ctrl-C, listing error) stops the
+        # readers, cancels the queued batches (they stay in not_sent) and waits for the rest.
         stopping = result.interrupted or result.error is not None
+        if fan.close():
+            result.interrupted = True
         if sender.close(stop=stopping):
             result.interrupted = True
         result.sent = sender.sent.total()
@@ -369,6 +535,8 @@ def run_backfill(
     return result
 
 
-def _listing_error(exc: BaseException) -> str:
+def _reading_error(what: str, exc: BaseException) -> str:
     log(_log, logging.ERROR, "listing-failed", error=str(exc))
-    return f"listing failed: {error_code(exc)}: {exc}"
+    if isinstance(exc, ManifestError):
+        return f"{what} failed: {exc}"
+    return f"{what} failed: {error_code(exc)}: {exc}"

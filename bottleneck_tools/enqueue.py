@@ -1,7 +1,16 @@
 """``bottleneck-enqueue``: enqueue every image under an S3 prefix (backfills, re-runs).
 
     bottleneck-enqueue s3://bucket/prefix/ --queue-url URL [--skip-existing --output s3://...]
+                       [--manifest SOURCE] [--list-concurrency N]
                        [--dry-run] [--scale --job-queue Q --job-definition D]
+
+Without ``--manifest`` the prefix is listed in parallel, split at its folders
+(``--list-concurrency`` listings at once, see :mod:`bottleneck_tools.listing`). With it, the keys
+come from SOURCE instead (a path or ``s3://`` URI): an S3 Inventory ``manifest.json`` (CSV,
+Parquet or ORC data files, read in parallel), ``bottleneck-reconcile --json`` output, or a key
+list (see :mod:`bottleneck_tools.manifest`); only keys under the prefix with an image suffix are
+sent, with the same messages as a listing's. A SOURCE that is not one of these is one line and
+exit status 2, before anything is sent.
 
 Flags fall back to the Lambda's environment variables (``BOTTLENECK_QUEUE_URL``,
 ``BOTTLENECK_OUTPUT``, ``BOTTLENECK_SUFFIXES``, ``BOTTLENECK_JOB_QUEUE``, ...); a flag wins. AWS
@@ -10,8 +19,9 @@ endpoints, region and credentials come from the standard variables and chain
 
 Output: with ``--dry-run``, the message bodies that would be sent, one JSON object a line; always,
 a last line with the JSON summary. A progress bar (tqdm, on a terminal only) and JSON log lines go
-to stderr. Exit status: 0 done, 1 some images not sent or an AWS error, 2 bad arguments,
-130 interrupted (the summary says what was sent, what failed and what was not sent).
+to stderr. Exit status: 0 done, 1 some images not sent or an AWS error (a data file that cannot
+be read included), 2 bad arguments or a malformed ``--manifest``, 130 interrupted (the summary
+says what was sent, what failed and what was not sent).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from bottleneck_contract.messages import ImageRef, encode
 from bottleneck_contract.retry import no_botocore_retries
 from bottleneck_tools.backfill import run_backfill
 from bottleneck_tools.cmdline import OneLineParser, parse_validated
+from bottleneck_tools.manifest import RECONCILE, Manifest, ManifestError, open_manifest
 from bottleneck_tools.redrive import redrive
 from producer_lambda.backoff import error_code
 from producer_lambda.filters import KeyFilter
@@ -61,6 +72,8 @@ PROG = "bottleneck-enqueue"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+DEFAULT_LIST_CONCURRENCY = 16
+MAX_LIST_CONCURRENCY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,8 @@ class Options:
     scaling: ScalingSettings | None = None
     from_dead_letter: str | None = None
     error_codes: tuple[str, ...] = ()
+    manifest: str | None = None
+    list_concurrency: int = DEFAULT_LIST_CONCURRENCY
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CODE",
         help="with --from-dead-letter: only messages with this error-code (repeatable)",
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="SOURCE",
+        help="take the keys from SOURCE (a path or s3:// URI) instead of listing: an S3 Inventory "
+        "manifest.json (CSV, Parquet or ORC), bottleneck-reconcile --json output, or a key list "
+        "(one key or s3:// URI a line); only keys under the source prefix are sent",
+    )
+    parser.add_argument(
+        "--list-concurrency",
+        default=str(DEFAULT_LIST_CONCURRENCY),
+        help="listings (split at the prefix's folders) or manifest data files read in parallel "
+        f"(default {DEFAULT_LIST_CONCURRENCY}; 1: one paginator)",
     )
     parser.add_argument("--queue-url", help="SQS work queue URL [BOTTLENECK_QUEUE_URL]")
     parser.add_argument(
@@ -165,6 +193,15 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
             return env[var].strip(), var
         return None, flag
 
+    if args.manifest is not None:
+        if args.from_dead_letter is not None:
+            raise SettingsError("--manifest does not go with --from-dead-letter")
+        if args.source is None:
+            raise SettingsError(
+                "--manifest needs the source s3://bucket/prefix/ its keys lie under"
+            )
+        if not args.manifest.strip():
+            raise SettingsError("--manifest must name a file or an s3:// object")
     if (args.source is None) == (args.from_dead_letter is None):
         raise SettingsError("give either s3://bucket/prefix/ or --from-dead-letter URL")
     if args.error_code and not args.from_dead_letter:
@@ -182,6 +219,13 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
     concurrency = parse_count(args.concurrency, "--concurrency", 8, 1)
     if concurrency > 64:
         raise SettingsError(f"--concurrency must be <= 64, got {concurrency}")
+    list_concurrency = parse_count(
+        args.list_concurrency, "--list-concurrency", DEFAULT_LIST_CONCURRENCY, 1
+    )
+    if list_concurrency > MAX_LIST_CONCURRENCY:
+        raise SettingsError(
+            f"--list-concurrency must be <= {MAX_LIST_CONCURRENCY}, got {list_concurrency}"
+        )
 
     scaling = None
     if args.scale:
@@ -214,6 +258,8 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
         scaling=scaling,
         from_dead_letter=args.from_dead_letter,
         error_codes=tuple(args.error_code),
+        manifest=args.manifest,
+        list_concurrency=list_concurrency,
     )
 
 
@@ -222,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse(argv, bottleneck_environ())
     logs.configure(logging.INFO if options.verbose else logging.WARNING)
     try:
-        s3, sqs, batch = _clients(options.concurrency)
+        s3, sqs, batch = _clients(options.concurrency + options.list_concurrency)
     except BotoCoreError as exc:
         return _fail(f"cannot create AWS clients: {exc}")
     return run(options, s3=s3, sqs=sqs, batch=batch)
@@ -250,6 +296,28 @@ def run(
     if options.from_dead_letter is not None:
         return _redrive(options, sqs, out, err)
     assert options.source is not None
+    manifest: Manifest | None = None
+    if options.manifest is not None:
+        try:
+            manifest = open_manifest(options.manifest, s3, options.source.bucket)
+        except ManifestError as exc:
+            err.write(f"{PROG}: error: --manifest: {exc}\n")
+            return EXIT_USAGE
+        except OSError as exc:
+            err.write(f"{PROG}: error: --manifest: cannot read {options.manifest}: {exc}\n")
+            return EXIT_USAGE
+        except (ClientError, BotoCoreError) as exc:
+            return _fail(
+                f"cannot read --manifest {options.manifest}: {error_code(exc)}: {exc}", err
+            )
+        if manifest.kind == RECONCILE and options.skip_existing:
+            # Stale images have a feature file (an out-of-date one): the check would drop them.
+            manifest.close()
+            err.write(
+                f"{PROG}: error: --skip-existing would drop reconcile's stale images (they have "
+                "a feature file); its findings need no check\n"
+            )
+            return EXIT_USAGE
 
     bar: Any = None
     if options.progress and not options.dry_run:
@@ -281,6 +349,8 @@ def run(
         concurrency=options.concurrency,
         on_sent=on_sent,
         on_selected=on_selected,
+        list_concurrency=options.list_concurrency,
+        manifest=manifest,
     )
     if bar is not None:
         bar.close()
@@ -308,7 +378,7 @@ def run(
     if result.interrupted:
         err.write(
             f"{PROG}: interrupted: sent {result.sent}, failed {result.failed}, "
-            f"not sent {result.not_sent} (listing stopped early)\n"
+            f"not sent {result.not_sent} ({'reading' if manifest else 'listing'} stopped early)\n"
         )
         return EXIT_INTERRUPTED
     return status
@@ -332,13 +402,13 @@ def _redrive(options: Options, sqs: SQSClient, out: TextIO, err: TextIO) -> int:
     return EXIT_FAILED if result.failed else 0
 
 
-def _clients(concurrency: int) -> tuple[S3Client, SQSClient, BatchClient]:
+def _clients(connections: int) -> tuple[S3Client, SQSClient, BatchClient]:
     import boto3
     from botocore.config import Config
 
     config = Config(
         retries={"mode": "standard", "max_attempts": 5},
-        max_pool_connections=concurrency + 4,
+        max_pool_connections=connections + 4,
         connect_timeout=10,
         read_timeout=30,
     )

@@ -19,6 +19,10 @@ from typing import Any
 import boto3
 import pytest
 
+from bottleneck_contract.messages import ImageRef
+from tests.functional.test_manifest import ROWS as INVENTORY_ROWS
+from tests.functional.test_manifest import expected_refs as inventory_refs
+from tests.functional.test_manifest import in_order, put_inventory
 from tests.moto_batch import REGION, BatchStack, create_batch_stack
 
 IMAGES = {
@@ -228,3 +232,106 @@ def test_a_missing_queue_is_reported(endpoint: str, world: dict[str, Any]) -> No
     done = enqueue(endpoint, "s3://images/", "--queue-url", missing)
     assert done.returncode == 1
     assert "cannot use queue" in done.stderr
+
+
+def test_an_inventory_manifest_sends_exactly_its_images(
+    endpoint: str, world: dict[str, Any]
+) -> None:
+    # GIVEN an S3 Inventory (CSV, two gzip data files) of the bucket, versions and decoys included
+    uri, _ = put_inventory(world["s3"], INVENTORY_ROWS)
+    # WHEN the tool takes its keys from the manifest instead of a listing
+    done = enqueue(
+        endpoint, "s3://images/photos/", "--queue-url", world["queue_url"], "--manifest", uri
+    )
+    # THEN it sends exactly the inventory's latest images under the prefix, with ETag and size
+    assert done.returncode == 0, done.stderr
+    bodies = drain(world["sqs"], world["queue_url"])
+    assert in_order(ImageRef(**b) for b in bodies) == inventory_refs()
+    summary = summary_of(done)
+    assert (summary["listed"], summary["sent"], summary["not_sent"]) == (
+        len(INVENTORY_ROWS),
+        len(inventory_refs()),
+        0,
+    )
+
+
+def test_a_key_list_dry_run(endpoint: str, world: dict[str, Any], tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("photos/a.jpg\ns3://images/photos/b b.png\nother/z.jpg\nphotos/notes.txt\n")
+    done = enqueue(endpoint, "s3://images/photos/", "--dry-run", "--manifest", str(keys))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert [json.loads(line) for line in lines[:-1]] == [
+        {"bucket": "images", "key": "photos/a.jpg"},
+        {"bucket": "images", "key": "photos/b b.png"},
+    ]
+    assert summary_of(done)["skipped"] == {"outside-input-prefix": 1, "suffix": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"sourceBucket": "images", "files": [}', "not valid JSON"),
+        ('{"sourceBucket": "images", "fileFormat": "CSV", "files": []}', "destinationBucket"),
+        (None, "cannot read"),
+    ],
+)
+def test_a_malformed_manifest_exits_2_with_one_line(
+    endpoint: str, world: dict[str, Any], tmp_path: Path, text: str | None, says: str
+) -> None:
+    path = tmp_path / "manifest.json"
+    if text is not None:
+        path.write_text(text)
+    done = enqueue(
+        endpoint, "s3://images/", "--queue-url", world["queue_url"], "--manifest", str(path)
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0
+    assert done.stderr.startswith("bottleneck-enqueue: error: --manifest")
+    assert says in done.stderr
+    assert drain(world["sqs"], world["queue_url"]) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--list-concurrency", "0"], "--list-concurrency"),
+        (["--list-concurrency", "999"], "--list-concurrency must be <= 256"),
+        (["--from-dead-letter", "URL", "--manifest", "m.json"], "does not go with"),
+    ],
+)
+def test_bad_backfill_options_exit_2(
+    endpoint: str, world: dict[str, Any], args: list[str], says: str
+) -> None:
+    source = [] if "--from-dead-letter" in args else ["s3://images/"]
+    done = enqueue(endpoint, *source, "--queue-url", world["queue_url"], *args)
+    assert done.returncode == 2
+    assert says in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_manifest_needs_the_source(endpoint: str, world: dict[str, Any]) -> None:
+    done = enqueue(endpoint, "--queue-url", world["queue_url"], "--manifest", "m.json")
+    assert done.returncode == 2
+    assert "--manifest needs the source" in done.stderr
+
+
+def test_reconcile_findings_with_skip_existing_exit_2(
+    endpoint: str, world: dict[str, Any], tmp_path: Path
+) -> None:
+    findings = tmp_path / "findings.jsonl"
+    findings.write_text('{"kind": "stale-etag", "key": "photos/a.jpg"}\n{"summary": {}}\n')
+    done = enqueue(
+        endpoint,
+        "s3://images/photos/",
+        "--queue-url",
+        world["queue_url"],
+        "--manifest",
+        str(findings),
+        "--skip-existing",
+        "--output",
+        "s3://feats/resnet50/",
+    )
+    assert done.returncode == 2
+    assert "would drop reconcile's stale images" in done.stderr
+    assert drain(world["sqs"], world["queue_url"]) == []
