@@ -72,6 +72,9 @@ class Config:
     metadata_endpoint: str = "http://169.254.169.254"
     metrics: str = "auto"
     log_level: str = "INFO"
+    layout: str = "files"
+    shard_rows: int = 10_000
+    shard_max_seconds: float = 300.0
 
     @property
     def in_flight_limit(self) -> int:
@@ -80,7 +83,12 @@ class Config:
             return self.max_in_flight
         # Two batches being assembled or computed, one being written, plus the fetches that
         # hide S3 latency: enough to keep the device busy, small enough to bound memory.
-        return 3 * self.batch_size + self.fetch_concurrency
+        pipeline = 3 * self.batch_size + self.fetch_concurrency
+        if self.layout == "shards":
+            # A shard's images stay held until the shard is written: a whole shard, and the
+            # pipeline filling the next one meanwhile.
+            return self.shard_rows + pipeline
+        return pipeline
 
     @property
     def decode_threads(self) -> int:
@@ -111,13 +119,16 @@ class Config:
                 option = _BY_DEST[required]
                 raise ConfigError(f"{option.flag} (or {option.env}) is required")
         _check_pooled_only(values)
+        _check_shard_options(values)
         # "auto" switches resolve here, the one place that reads the environment: inside an AWS
         # Batch job (AWS_BATCH_JOB_ID is set by Batch) the Spot watch and EMF metrics are on.
         in_batch = bool(environ.get("AWS_BATCH_JOB_ID"))
         for name, on in (("spot_watch", "on"), ("metrics", "emf")):
             if values.get(name, "auto") == "auto":
                 values[name] = on if in_batch else "off"
-        return cls(**values)
+        config = cls(**values)
+        _check_layout(config, values)
+        return config
 
     @property
     def queue_name(self) -> str:
@@ -138,6 +149,69 @@ def _check_pooled_only(values: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"--normalize {values['normalize']}: needs --pool avg (a feature map is not one "
             "vector: normalise it per position or as a whole, as its use needs, when reading it)"
+        )
+
+
+# SQS holds at most 120,000 messages in flight per standard queue (all consumers together);
+# past it, ReceiveMessage fails with OverLimit.
+SQS_IN_FLIGHT_LIMIT = 120_000
+# A shard's images are held (their messages kept invisible by the heartbeat) until it is written.
+# SQS keeps a received message at most 12 hours; a shard must be written long before, with room
+# for a failed flush's retry and the pipeline's own time.
+MAX_SHARD_SECONDS = 3600.0
+# What does not apply to shards: each option's value that needs per-image files, and why.
+_PER_IMAGE_ONLY = {
+    "existing_check": (
+        "head",
+        "the HEAD looks for a per-image feature file; a shard is not found by key, so every "
+        "delivered image is computed",
+    ),
+    "orphan_check": (
+        "head",
+        "a shard's row cannot be deleted alone; rows of deleted images stay until the shard is",
+    ),
+    "dedupe": (
+        "content",
+        "the content index points at per-image feature files to copy",
+    ),
+}
+
+
+def _check_shard_options(values: Mapping[str, Any]) -> None:
+    """The shard options mean nothing with per-image files: say so rather than ignore them."""
+    if values.get("layout", "files") == "shards":
+        return
+    for name in ("shard_rows", "shard_max_seconds"):
+        if name in values:
+            raise ConfigError(f"{_BY_DEST[name].flag}: only with --layout shards")
+
+
+def _check_layout(config: Config, given: Mapping[str, Any]) -> None:
+    """``--layout shards``: the combinations that cannot work, and the in-flight cap."""
+    if config.layout != "shards":
+        return
+    for name, (value, why) in _PER_IMAGE_ONLY.items():
+        if getattr(config, name) == value:
+            raise ConfigError(f"{_BY_DEST[name].flag} {value}: not with --layout shards ({why})")
+    if config.shard_max_seconds <= 0 or config.shard_max_seconds > MAX_SHARD_SECONDS:
+        raise ConfigError(
+            f"--shard-max-seconds: must be above 0 and at most {MAX_SHARD_SECONDS:.0f} (a "
+            "shard's messages stay in flight until it is written; SQS holds one at most 12 h), "
+            f"got {config.shard_max_seconds:g}"
+        )
+    limit = config.in_flight_limit
+    if "max_in_flight" in given and limit < config.shard_rows + config.batch_size:
+        raise ConfigError(
+            f"--max-in-flight {limit}: with --layout shards it must hold a whole shard and a "
+            f"batch (--shard-rows {config.shard_rows} + --batch-size {config.batch_size}): a "
+            "shard's images stay in flight until it is written"
+        )
+    if limit > SQS_IN_FLIGHT_LIMIT:
+        option = "--max-in-flight" if "max_in_flight" in given else "--shard-rows"
+        raise ConfigError(
+            f"{option}: with --shard-rows {config.shard_rows} this consumer would hold {limit:,} "
+            f"messages in flight until their shards are written; SQS allows "
+            f"{SQS_IN_FLIGHT_LIMIT:,} per queue, for all consumers together"
         )
 
 
@@ -393,7 +467,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_in_flight",
         _non_negative_int,
-        "cap on images held at once (default: 3 x batch size + fetch concurrency)",
+        "cap on images held at once (default: 3 x batch size + fetch concurrency; with "
+        "--layout shards, plus --shard-rows)",
         "N",
     ),
     Option(
@@ -442,6 +517,27 @@ OPTIONS: tuple[Option, ...] = (
         "CloudWatch Embedded Metric Format lines on stdout (auto: on inside AWS Batch)",
     ),
     Option("log_level", _log_level, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    Option(
+        "layout",
+        _choice("files", "shards"),
+        "files (default): one .npy per image, as the contract says; shards: many images' rows "
+        "in one .npy under <output>shards/<fingerprint>/ with a JSON-lines index (two PUTs per "
+        "shard instead of one per image)",
+    ),
+    Option(
+        "shard_rows",
+        _positive_int,
+        "with --layout shards: rows per shard (default 10000); its messages stay in flight "
+        "until it is written",
+        "N",
+    ),
+    Option(
+        "shard_max_seconds",
+        _non_negative_float,
+        "with --layout shards: write a shard once its first row is this old (default 300, "
+        "at most 3600)",
+        "SECONDS",
+    ),
 )
 _BY_DEST = {option.dest: option for option in OPTIONS}
 assert set(_BY_DEST) == {f.name for f in fields(Config)}, "OPTIONS and Config disagree"

@@ -14,6 +14,8 @@ second signal skips it, see ``consumer.cli``):
 3. Every receive already under way is awaited, however short the grace: SQS has made its messages
    invisible, and the receiver hands them back at once (visibility 0). A long poll ends within
    its wait time (at most 20 s, ``--idle-exit`` seconds when that is shorter), so this is bounded.
+   With ``--layout shards`` the shard being filled is then written, and the shards being
+   written awaited, before anything is released: its images are done only once it is.
 4. ``halted`` is set. Fetch, decode, model and write drop what they hold; every message not yet
    settled is released at once, so that another worker takes it now rather than after its
    visibility timeout.
@@ -42,11 +44,17 @@ from consumer.stages.heartbeat import Heartbeat
 from consumer.stages.infer import Inference
 from consumer.stages.load import Loader
 from consumer.stages.receive import LONG_POLL_SECONDS, Receiver
+from consumer.stages.shards import ShardWriter, writer_name
 from consumer.stages.write import Writer
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
 log = logging.getLogger(__name__)
+
+# On a stop, the longest the last shards may take to be written before the rest is released
+# (inside Batch's 30 s between SIGTERM and SIGKILL with the default --stop-grace, usually: what
+# was drained during the grace has been written already).
+SHARD_CLOSE_SECONDS = 15.0
 
 
 class Worker:
@@ -74,6 +82,28 @@ class Worker:
         content_index = (
             ContentIndex(runtime.objects, cfg.output.bucket, cfg.output.prefix, runtime.fingerprint)
             if cfg.dedupe == "content"
+            else None
+        )
+        # --layout shards: many images per object, each image done once its shard is written.
+        self.shards = (
+            ShardWriter(
+                objects=runtime.objects,
+                inflight=self.inflight,
+                stats=self.stats,
+                settings=runtime.settings,
+                fingerprint=runtime.fingerprint,
+                feature_shape=runtime.feature_shape,
+                output_bucket=cfg.output.bucket,
+                output_prefix=cfg.output.prefix,
+                shard_rows=cfg.shard_rows,
+                max_seconds=cfg.shard_max_seconds,
+                writer=writer_name(),
+                # A partial shard is written once nothing else is on its way when nothing more
+                # will come (a stop), or when the quarantine waits for held messages to settle
+                # (careful receives after a start or a redelivery; a suspect running alone).
+                flush_partial=lambda: self.receiving_stopped.is_set() or self.quarantine.careful,
+            )
+            if cfg.layout == "shards"
             else None
         )
         self.writer = Writer(
@@ -108,7 +138,7 @@ class Worker:
         self.inference = Inference(
             backbone=runtime.backbone,
             source=self.decoded,
-            sink=self.writer.submit,
+            sink=self.writer.submit if self.shards is None else self.shards.submit,
             inflight=self.inflight,
             stats=self.stats,
             batch_size=cfg.batch_size,
@@ -138,7 +168,7 @@ class Worker:
                 f"receive-{i}",
                 work_queue=runtime.work_queue,
                 inflight=self.inflight,
-                dispatch=self.loader.submit,
+                dispatch=self.loader.submit if self.shards is None else self._dispatch,
                 output_prefix=cfg.output.prefix,
                 visibility=cfg.visibility_timeout,
                 wait_seconds=wait,
@@ -150,9 +180,18 @@ class Worker:
         ]
         self.stop_reason: str | None = None
 
+    def _dispatch(self, task: ImageTask) -> None:
+        """Down the pipeline, the shard writer told (it writes a partial shard only once
+        nothing else is on its way)."""
+        assert self.shards is not None
+        self.shards.track(task)
+        self.loader.submit(task)
+
     def start(self) -> None:
         for thread in (self.acker, self.heartbeat, self.inference, *self.receivers):
             thread.start()
+        if self.shards is not None:
+            self.shards.start()
         if self.spot_watch is not None:
             self.spot_watch.start()
         log.info(
@@ -163,6 +202,12 @@ class Worker:
                     "output": str(self.config.output),
                     "batch_size": self.config.batch_size,
                     "in_flight_limit": self.config.in_flight_limit,
+                    "layout": self.config.layout,
+                    **(
+                        {"shard_writer": self.shards.writer, "shard_rows": self.shards.capacity}
+                        if self.shards is not None
+                        else {}
+                    ),
                 }
             },
         )
@@ -174,8 +219,13 @@ class Worker:
         self.receiving_stopped.set()
 
     def idle_for(self) -> float:
-        """Seconds in which every receive came back empty and nothing was held; else 0."""
-        if not self.inflight.empty() or not self.acker.idle():
+        """Seconds in which every receive came back empty and nothing was held; else 0.
+
+        Images in a shard not yet written count as nothing held when nothing else is: they wait
+        only for the flush that the idle exit's stop makes (else an idle worker would wait for
+        the shard's age, up to --shard-max-seconds, before it could exit)."""
+        waiting_for_shard = self.shards is not None and self.shards.holds_all()
+        if (not self.inflight.empty() and not waiting_for_shard) or not self.acker.idle():
             return 0.0
         now = time.monotonic()
         if now < self.acker.redelivery_due:
@@ -204,6 +254,11 @@ class Worker:
             receiver.join(timeout=receiver.wait_seconds + 10)
             if receiver.is_alive():
                 log.warning("a receive did not return in time", extra={"fields": {}})
+        if self.shards is not None:
+            # Before anything is released: the rows computed so far are written, and their
+            # messages deleted; a flush that fails releases its own.
+            self.shards.close(SHARD_CLOSE_SECONDS)
+            finished = all(message.settled for message in self.inflight.held())
         if not finished:
             log.warning(
                 "grace period over; releasing unfinished messages",
@@ -216,7 +271,7 @@ class Worker:
         close_decoders = getattr(self.runtime.prepare, "close", None)
         if close_decoders is not None:
             close_decoders()  # decode processes: their pipes close and they exit
-        self.writer.shutdown(wait=False)
+        self.writer.shutdown(wait=False)  # files; with shards it never had work
         self.heartbeat.stop()
         if self.spot_watch is not None:
             self.spot_watch.stop()
