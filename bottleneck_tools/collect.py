@@ -1,6 +1,7 @@
-"""``bottleneck-collect``: gather per-image feature files into one training-ready dataset.
+"""``bottleneck-collect``: gather feature files (or shards) into one training-ready dataset.
 
     bottleneck-collect s3://feats/resnet50/ -o DIR [--allow-mixed] [--concurrency N] [--restart]
+                       [--layout auto|files|shards|both]
 
 Writes into ``DIR``:
 
@@ -14,6 +15,17 @@ Writes into ``DIR``:
 
 Rows are in feature-key order (Python string order, which is S3's UTF-8 byte order), so the
 same files always give the same bytes.
+
+Shards (``bottleneck-consumer --layout shards``, the format in :mod:`bottleneck_contract.shards`):
+every committed shard's index (``<prefix>shards/<fingerprint>/*.index.jsonl``; a ``.npy`` without
+its index is ignored) is read, one row is kept per ``(bucket, key, fingerprint)`` (the newest
+shard's: at-least-once delivery can put an image in two shards), and the rows go into the same
+three files as per-image files would, in the same order: each row's ``feature_key`` is the key its
+per-image file would have. Each shard is downloaded once, ``SHARD_CONCURRENCY`` at a time at most
+(a shard can be a few hundred MB). ``--layout auto`` (default) takes whichever layout the prefix
+holds and refuses a prefix that holds both; ``--layout both`` takes the union, a per-image file
+winning over shard rows with its feature key; ``files`` or ``shards`` take one and ignore the
+other.
 
 Fingerprints: the files must all carry the same ``fingerprint`` (the same model, weights, pool,
 preprocessing and dtype), or the rows would not be comparable; a second fingerprint stops the
@@ -53,18 +65,29 @@ from typing import Any, TextIO
 import numpy as np
 
 from bottleneck_contract.features import (
+    DTYPE,
     FEATURE_SUFFIX,
     FINGERPRINT,
     MODEL,
     POOL,
+    SHAPE,
     SOURCE_BUCKET,
     SOURCE_ETAG,
     SOURCE_KEY,
     WEIGHTS,
     decode_key,
     decode_weights,
+    encode_key,
+    feature_key,
 )
 from bottleneck_contract.locations import InvalidS3Uri, S3Location
+from bottleneck_contract.shards import (
+    ShardIndex,
+    ShardKey,
+    decode_index,
+    newest_rows,
+    parse_shard_key,
+)
 from bottleneck_tools.cmdline import OneLineParser
 
 __all__ = [
@@ -73,6 +96,7 @@ __all__ = [
     "Result",
     "collect",
     "list_feature_keys",
+    "list_prefix",
     "main",
     "parse_source",
 ]
@@ -95,6 +119,10 @@ INDEX_COLUMNS = (
 )
 # Rows per checkpoint: the array is flushed, then their journal lines written and synced.
 CHECKPOINT_ROWS = 256
+LAYOUTS = ("auto", "files", "shards", "both")
+# Shards downloaded at once at most, whatever --concurrency says: each is held whole in memory
+# until its rows are in the array (up to 256 MiB, the consumer's cap).
+SHARD_CONCURRENCY = 4
 
 
 class CollectError(Exception):
@@ -106,10 +134,11 @@ class Downloaded:
     """One feature file: its array and what its metadata says about it."""
 
     row: int
-    key: str
+    key: str  # the feature key (for a shard's row: the key its per-image file would have)
     etag: str
     array: np.ndarray
     metadata: Mapping[str, str]
+    where: str = ""  # where the row was read, for messages, when not at ``key``
 
     def entry(self) -> dict[str, Any]:
         """Its journal (and index) entry."""
@@ -135,6 +164,8 @@ class Result:
     dtype: str
     fingerprints: Counter[str] = field(default_factory=Counter)
     directory: Path = Path()
+    layout: str = "files"
+    shards: int = 0  # shards the rows come from (with shards)
 
 
 # ---------------------------------------------------------------------------- S3 reads
@@ -149,15 +180,127 @@ def parse_source(uri: str) -> S3Location:
         raise CollectError(str(exc)) from None
 
 
-def list_feature_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
-    """Every ``.npy`` key under ``prefix``, sorted (code point order = S3's UTF-8 byte order)."""
-    keys: list[str] = []
+@dataclass
+class Listing:
+    """What a prefix holds: per-image feature files, committed shards' indexes, shards' ``.npy``."""
+
+    files: list[str] = field(default_factory=list)  # sorted
+    indexes: dict[str, tuple[ShardKey, Any]] = field(default_factory=dict)  # key: LastModified
+    shard_npys: set[str] = field(default_factory=set)
+
+
+def list_prefix(s3: Any, bucket: str, prefix: str) -> Listing:
+    """One listing of ``prefix``, sorted into per-image feature files and shard objects."""
+    listing = Listing()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(
-            obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(FEATURE_SUFFIX)
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            shard = parse_shard_key(prefix, key)
+            if shard is None:
+                if key.endswith(FEATURE_SUFFIX):
+                    listing.files.append(key)
+            elif shard.is_index:
+                listing.indexes[key] = (shard, obj["LastModified"])
+            else:
+                listing.shard_npys.add(key)
+    listing.files.sort()
+    return listing
+
+
+def list_feature_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
+    """Every per-image ``.npy`` key under ``prefix`` (shards' are not), sorted (code point
+    order = S3's UTF-8 byte order)."""
+    return list_prefix(s3, bucket, prefix).files
+
+
+def choose_layout(listing: Listing, requested: str, source: str) -> str:
+    """The layout to collect: ``requested``, or for ``auto`` the one ``listing`` holds."""
+    if requested != "auto":
+        return requested
+    if listing.files and listing.indexes:
+        raise CollectError(
+            f"{source} holds both per-image feature files ({len(listing.files):,}) and shards "
+            f"({len(listing.indexes):,}); pass --layout files, shards or both"
         )
-    keys.sort()
-    return keys
+    return "shards" if listing.indexes else "files"
+
+
+# A row of the plan, as the partial state keeps it: a per-image file's key, or a shard's row
+# {"shard": .npy key, "row": i, "rows": N, "entry": index.csv fields}.
+Item = str | dict[str, Any]
+
+
+def _shard_items(
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    listing: Listing,
+    concurrency: int,
+    taken: set[str],
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
+    """The newest row of each image in the committed shards, but for feature keys ``taken`` by
+    per-image files; and each shard's metadata by its ``.npy`` key."""
+    metas: dict[str, dict[str, str]] = {}
+
+    def read(key: str) -> ShardIndex:
+        shard, modified = listing.indexes[key]
+        if shard.npy_key not in listing.shard_npys:
+            raise CollectError(f"s3://{bucket}/{key}: a shard index without its .npy (damaged)")
+        response = s3.get_object(Bucket=bucket, Key=key)
+        body = response["Body"]
+        try:
+            data = body.read()
+        finally:
+            body.close()
+        try:
+            rows = decode_index(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CollectError(f"s3://{bucket}/{key}: not a shard index: {exc}") from None
+        metas[shard.npy_key] = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
+        return ShardIndex(shard, modified, tuple(rows))
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="collect") as pool:
+        indexes = list(pool.map(read, sorted(listing.indexes)))
+    items: list[dict[str, Any]] = []
+    for index, row in newest_rows(indexes).values():
+        key = feature_key(prefix, row.key)
+        if key in taken:
+            continue
+        entry = {
+            "source_bucket": row.bucket,
+            "source_key": row.key,
+            "source_etag": row.etag,
+            "feature_key": key,
+            "fingerprint": row.fingerprint,
+        }
+        items.append(
+            {"shard": index.key.npy_key, "row": row.row, "rows": len(index.rows), "entry": entry}
+        )
+    return items, metas
+
+
+def _order(item: Item) -> tuple[str, str, str]:
+    """Rows in feature-key order; a shard's rows with one feature key by bucket, fingerprint."""
+    if isinstance(item, str):
+        return (item, "", "")
+    entry = item["entry"]
+    return (entry["feature_key"], entry["source_bucket"], entry["fingerprint"])
+
+
+def _plan(
+    s3: Any, bucket: str, prefix: str, layout: str, listing: Listing, concurrency: int
+) -> tuple[list[Item], dict[str, dict[str, str]]]:
+    """Every row to collect, in row order, and the shards' metadata by ``.npy`` key."""
+    files: list[Item] = list(listing.files) if layout in ("files", "both") else []
+    if layout == "files":
+        return files, {}
+    taken = set(listing.files) if layout == "both" else set()
+    shard_items, metas = _shard_items(s3, bucket, prefix, listing, concurrency, taken)
+    return sorted([*files, *shard_items], key=_order), metas
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("x")) if text else ()
 
 
 def download(s3: Any, bucket: str, key: str, row: int) -> Downloaded:
@@ -174,6 +317,52 @@ def download(s3: Any, bucket: str, key: str, row: int) -> Downloaded:
         raise CollectError(f"s3://{bucket}/{key} is not a readable .npy file: {exc}") from None
     metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
     return Downloaded(row, key, str(response.get("ETag", "")).strip('"'), array, metadata)
+
+
+def download_shard(
+    s3: Any, bucket: str, npy_key: str, rows: Sequence[tuple[int, dict[str, Any]]]
+) -> list[Downloaded]:
+    """GetObject one shard's ``.npy`` (once) and take the plan's ``rows`` from it: ``(row of
+    the dataset, plan item)`` pairs."""
+    response = s3.get_object(Bucket=bucket, Key=npy_key)
+    body = response["Body"]
+    try:
+        data = body.read()
+    finally:
+        body.close()
+    where = f"s3://{bucket}/{npy_key}"
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # np.load raises several kinds for bad bytes
+        raise CollectError(f"{where} is not a readable .npy file: {exc}") from None
+    expected = rows[0][1]["rows"]
+    if array.ndim < 1 or array.shape[0] != expected:
+        raise CollectError(
+            f"{where} has shape {array.shape}, its index {expected} rows: a damaged shard"
+        )
+    shard_meta = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
+    etag = str(response.get("ETag", "")).strip('"')
+    out = []
+    for row, item in rows:
+        entry = item["entry"]
+        meta = {
+            **shard_meta,
+            SOURCE_BUCKET: entry["source_bucket"],
+            SOURCE_KEY: encode_key(entry["source_key"]),
+            SOURCE_ETAG: entry["source_etag"],
+            FINGERPRINT: entry["fingerprint"],
+        }
+        out.append(
+            Downloaded(
+                row,
+                entry["feature_key"],
+                etag,
+                array[item["row"]],
+                meta,
+                where=f"{where} row {item['row']}",
+            )
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------- partial state
@@ -195,27 +384,34 @@ class _Partial:
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def start(self, source: str, keys: Sequence[str], first: Downloaded) -> dict[str, Any]:
-        """A fresh partial state whose array has the first file's row shape and dtype."""
+    def start(
+        self,
+        source: str,
+        keys: Sequence[Item],
+        row_shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        metadata: Mapping[str, str],
+        layout: str,
+    ) -> dict[str, Any]:
+        """A fresh partial state whose array has the first row's shape and dtype."""
         self.remove()
         self.dir.mkdir(parents=True)
         _write_text(self.keys_path, "".join(json.dumps(k) + "\n" for k in keys))
         meta = {
             "source": source,
             "count": len(keys),
-            "row_shape": list(first.array.shape),
-            "dtype": first.array.dtype.str,
-            "settings": _settings(first.metadata),
+            "row_shape": list(row_shape),
+            "dtype": dtype.str,
+            "settings": _settings(metadata),
+            "layout": layout,
         }
-        shape = (len(keys), *first.array.shape)
-        array = np.lib.format.open_memmap(
-            self.array_path, mode="w+", dtype=first.array.dtype, shape=shape
-        )
+        shape = (len(keys), *row_shape)
+        array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=shape)
         del array  # created at full size; reopened below in r+ mode
         _write_text(self.meta_path, json.dumps(meta, sort_keys=True))
         return meta
 
-    def load(self) -> tuple[dict[str, Any], list[str], dict[int, dict[str, Any]]]:
+    def load(self) -> tuple[dict[str, Any], list[Item], dict[int, dict[str, Any]]]:
         meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
         keys = [json.loads(line) for line in self.keys_path.read_text("utf-8").splitlines()]
         done: dict[int, dict[str, Any]] = {}
@@ -268,8 +464,10 @@ def collect(
     concurrency: int = 16,
     restart: bool = False,
     progress: Callable[[int, int], Any] | None = None,
+    layout: str = "auto",
 ) -> Result:
-    """Collect the ``.npy`` files under ``source`` into ``directory`` (see the module docstring).
+    """Collect the ``.npy`` files (or shards) under ``source`` into ``directory`` (see the module
+    docstring); ``layout`` is one of :data:`LAYOUTS`.
 
     ``progress(done, total)`` is called once with the rows already done, and returns an object
     with ``update(n)`` and ``close()`` (a tqdm bar fits). Raises :class:`CollectError` for bad
@@ -291,16 +489,38 @@ def collect(
                 f"{directory} holds an interrupted collection of {meta.get('source')}; "
                 f"collect into another directory, or pass --restart to discard it"
             )
+        begun = meta.get("layout", "files")
+        if layout not in ("auto", begun):
+            raise CollectError(
+                f"{directory} holds an interrupted collection with --layout {begun}; rerun with "
+                "it, or pass --restart to discard it"
+            )
     else:
-        keys = list_feature_keys(s3, bucket, prefix)
+        listing = list_prefix(s3, bucket, prefix)
+        chosen = choose_layout(listing, layout, source)
+        keys, metas = _plan(s3, bucket, prefix, chosen, listing, concurrency)
         if not keys:
             raise CollectError(f"no .npy files under {source}")
-        first = download(s3, bucket, keys[0], 0)
-        _check_metadata(first)
-        meta = partial.start(source, keys, first)
         done = {}
-        _write_row(partial, [first], done)
-        fresh = 1
+        head = keys[0]
+        if isinstance(head, str):
+            first = download(s3, bucket, head, 0)
+            _check_metadata(first)
+            meta = partial.start(
+                source, keys, first.array.shape, first.array.dtype, first.metadata, chosen
+            )
+            _write_row(partial, [first], done)
+            fresh = 1
+        else:
+            shard_meta = metas[head["shard"]]
+            meta = partial.start(
+                source,
+                keys,
+                _shape(shard_meta.get(SHAPE, "")),
+                np.dtype(shard_meta.get(DTYPE, "float32")),
+                {**shard_meta, FINGERPRINT: head["entry"]["fingerprint"]},
+                chosen,
+            )
 
     reference = meta["settings"]["fingerprint"]
     row_shape = tuple(meta["row_shape"])
@@ -308,6 +528,7 @@ def collect(
     resumed = len(done) - fresh
     if not allow_mixed:
         _refuse_mixed(fingerprints, reference, done)
+        _refuse_mixed_shards(keys, reference)
 
     array = np.lib.format.open_memmap(partial.array_path, mode="r+")
     todo = [row for row in range(len(keys)) if row not in done]
@@ -325,18 +546,19 @@ def collect(
         with closing(_fetch_all(s3, bucket, keys, todo, concurrency)) as items:
             for item in items:
                 _check_metadata(item)
+                where = item.where or f"s3://{bucket}/{item.key}"
                 if item.array.shape != row_shape:
                     raise CollectError(
-                        f"s3://{bucket}/{item.key} has shape {item.array.shape}, the others "
+                        f"{where} has shape {item.array.shape}, the others "
                         f"{row_shape}: features of different shapes cannot be stacked"
                     )
                 entry = item.entry()
                 fingerprint = entry["fingerprint"]
                 if fingerprint != reference and not allow_mixed:
                     raise CollectError(
-                        f"mixed fingerprints: s3://{bucket}/{item.key} has {fingerprint}, "
-                        f"{keys[0]} has {reference} (different model settings); pass --allow-mixed "
-                        "to collect both, or collect a prefix with one"
+                        f"mixed fingerprints: {where} has {fingerprint}, "
+                        f"{_name(keys[0])} has {reference} (different model settings); pass "
+                        "--allow-mixed to collect both, or collect a prefix with one"
                     )
                 array[item.row] = item.array
                 fingerprints[fingerprint] += 1
@@ -361,7 +583,14 @@ def collect(
         dtype=np.dtype(meta["dtype"]).name,
         fingerprints=fingerprints,
         directory=directory,
+        layout=meta.get("layout", "files"),
+        shards=len({k["shard"] for k in keys if not isinstance(k, str)}),
     )
+
+
+def _name(item: Item) -> str:
+    """How messages name a row: a file's key, or a shard row's feature key."""
+    return item if isinstance(item, str) else str(item["entry"]["feature_key"])
 
 
 def _write_row(partial: _Partial, items: Sequence[Downloaded], done: dict[int, Any]) -> None:
@@ -381,6 +610,17 @@ def _check_metadata(item: Downloaded) -> None:
         )
 
 
+def _refuse_mixed_shards(keys: Sequence[Item], reference: str) -> None:
+    """Shard rows name their fingerprint in the index: a mix is found before any download."""
+    for item in keys:
+        if not isinstance(item, str) and item["entry"]["fingerprint"] != reference:
+            raise CollectError(
+                f"mixed fingerprints: {_name(item)} (row {item['row']} of {item['shard']}) has "
+                f"{item['entry']['fingerprint']}, the first row {reference}; pass --allow-mixed "
+                "to collect both"
+            )
+
+
 def _refuse_mixed(fingerprints: Counter[str], reference: str, done: Mapping[int, Any]) -> None:
     others = [fp for fp in fingerprints if fp != reference]
     if others:
@@ -391,26 +631,50 @@ def _refuse_mixed(fingerprints: Counter[str], reference: str, done: Mapping[int,
         )
 
 
-def _fetch_all(
-    s3: Any, bucket: str, keys: Sequence[str], rows: Sequence[int], concurrency: int
-) -> Generator[Downloaded, None, None]:
-    """Downloads in row order, ``concurrency`` at a time, at most ``2 * concurrency`` held."""
-    window: deque[Future[Downloaded]] = deque()
-    stop = threading.Event()
+def _units(keys: Sequence[Item], rows: Sequence[int]) -> list[list[int]]:
+    """The downloads that bring ``rows`` in: one per file, one per shard (all its rows), in the
+    order of each one's first row."""
+    units: list[list[int]] = []
+    by_shard: dict[str, list[int]] = {}
+    for row in rows:
+        item = keys[row]
+        if isinstance(item, str):
+            units.append([row])
+        elif item["shard"] in by_shard:
+            by_shard[item["shard"]].append(row)
+        else:
+            by_shard[item["shard"]] = [row]
+            units.append(by_shard[item["shard"]])
+    return units
 
-    def fetch(row: int) -> Downloaded:
+
+def _fetch_all(
+    s3: Any, bucket: str, keys: Sequence[Item], rows: Sequence[int], concurrency: int
+) -> Generator[Downloaded, None, None]:
+    """Downloads in the order of their first row, ``concurrency`` at a time (shards fewer), at
+    most ``2 * concurrency`` held."""
+    window: deque[Future[list[Downloaded]]] = deque()
+    stop = threading.Event()
+    if any(not isinstance(keys[row], str) for row in rows):
+        concurrency = min(concurrency, SHARD_CONCURRENCY)
+
+    def fetch(unit: list[int]) -> list[Downloaded]:
         if stop.is_set():
             raise CollectError("stopped")
-        return download(s3, bucket, keys[row], row)
+        item = keys[unit[0]]
+        if isinstance(item, str):
+            return [download(s3, bucket, item, unit[0])]
+        pairs = [(row, keys[row]) for row in unit]
+        return download_shard(s3, bucket, item["shard"], pairs)  # type: ignore[arg-type]
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="collect") as pool:
         try:
-            for row in rows:
-                window.append(pool.submit(fetch, row))
+            for unit in _units(keys, rows):
+                window.append(pool.submit(fetch, unit))
                 if len(window) > 2 * concurrency:
-                    yield window.popleft().result()
+                    yield from window.popleft().result()
             while window:
-                yield window.popleft().result()
+                yield from window.popleft().result()
         finally:
             stop.set()
             for future in window:
@@ -421,7 +685,7 @@ def _finish(
     partial: _Partial,
     directory: Path,
     meta: Mapping[str, Any],
-    keys: Sequence[str],
+    keys: Sequence[Item],
     done: Mapping[int, dict[str, Any]],
     fingerprints: Counter[str],
 ) -> None:
@@ -447,6 +711,7 @@ def _finish(
         "features": FEATURES,
         "index": INDEX,
         "index_columns": list(INDEX_COLUMNS),
+        "layout": meta.get("layout", "files"),
     }
     if len(fingerprints) > 1:
         manifest["mixed"] = True
@@ -485,6 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard an interrupted run in the directory and list the prefix afresh",
     )
+    parser.add_argument(
+        "--layout",
+        default="auto",
+        choices=LAYOUTS,
+        help="auto (default): per-image files or shards, whichever the prefix holds (both is an "
+        "error); files or shards: that one only; both: their union, a per-image file winning "
+        "over a shard's row for the same image",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -497,6 +770,7 @@ class Options:
     concurrency: int = 16
     restart: bool = False
     progress: bool = True
+    layout: str = "auto"
 
 
 def parse(argv: Sequence[str] | None) -> Options:
@@ -523,6 +797,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         concurrency=concurrency,
         restart=args.restart,
         progress=not args.no_progress,
+        layout=args.layout,
     )
 
 
@@ -571,6 +846,7 @@ def run(
             concurrency=options.concurrency,
             restart=options.restart,
             progress=bar,
+            layout=options.layout,
         )
     except KeyboardInterrupt:
         err.write(f"{PROG}: interrupted: rows written so far are kept; rerun to resume\n")
@@ -591,8 +867,11 @@ def run(
     how = f"{result.downloaded:,} downloaded"
     if result.resumed:
         how += f", {result.resumed:,} from the interrupted run"
+    what = "feature files" if result.layout == "files" else "rows"
+    if result.shards:
+        how += f"; {result.shards:,} shards"
     out.write(
-        f"collected {result.count:,} feature files ({how}) into {result.directory}/\n"
+        f"collected {result.count:,} {what} ({how}) into {result.directory}/\n"
         f"  {FEATURES:<14} {shape} {result.dtype} (np.load(path, mmap_mode='r'))\n"
         f"  {INDEX:<14} {', '.join(INDEX_COLUMNS)}\n"
         f"  {MANIFEST:<14} fingerprint {fps}\n"

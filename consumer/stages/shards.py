@@ -288,14 +288,7 @@ class ShardWriter:
         if shard is not None:
             self._start_flush(shard, "stop")
         self._halt.set()
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._writing:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._idle.wait(remaining)
-            done = self._writing == 0
+        done = self.wait_written(timeout)
         self._pool.shutdown(wait=False)
         log.info(
             "shards closed",
@@ -309,6 +302,17 @@ class ShardWriter:
             },
         )
         return done
+
+    def wait_written(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until no sealed shard is being written; whether none is."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._writing:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._idle.wait(remaining)
+            return self._writing == 0
 
     # --- the write -----------------------------------------------------------------------------
     def _start_flush(self, shard: _Shard, why: str) -> None:
