@@ -180,6 +180,11 @@ class OutputTemplate:
         return cls(S3Location(bucket, root), tuple(fields))
 
     @property
+    def key_prefix(self) -> str:
+        """The prefix as written, placeholders included (``features/{model}/{fingerprint}/``)."""
+        return self.root.prefix + "".join("{" + name + "}/" for name in self.fields)
+
+    @property
     def templated(self) -> bool:
         """Whether the output holds placeholders (else it is one concrete location)."""
         return bool(self.fields)
@@ -202,7 +207,7 @@ class OutputTemplate:
         return bool(_SEGMENT.fullmatch(segment)) and segment.strip(".") != ""
 
     def __str__(self) -> str:
-        return str(self.root) + "".join("{" + name + "}/" for name in self.fields)
+        return f"s3://{self.root.bucket}/{self.key_prefix}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,7 +114,9 @@ def handle(
     """Process one invocation's event with the given clients; return the JSON summary.
 
     The summary: ``{"kind": "s3"|"scheduled", "enqueued": n, "failed": n, "skipped":
-    {reason: n}, "deletes": {outcome: n}, "jobs_submitted": n, "jobs_cancelled": n}``, and for
+    {reason: n}, "deletes": {outcome: n}, "jobs_submitted": n, "jobs_cancelled": n}`` (deletes
+    count feature files: one per deleted image, or one per image and version with a templated
+    output), and for
     an SQS batch ``"batchItemFailures"`` (the records to deliver again). ``s3`` is needed only
     when the event holds deletions.
     """
@@ -162,7 +164,8 @@ def is_scheduled(event: Mapping[str, Any]) -> bool:
 def _remove(s3: S3Client | None, settings: Settings, selection: Selection) -> list[RemovalOutcome]:
     if not selection.removals or s3 is None:
         return []
-    removed = remove_all(s3, settings.output, selection.removals.values())
+    # A templated output: its versions are listed once here, for the whole batch.
+    removed = remove_all(s3, settings.feature_output, selection.removals.values())
     for item in removed:
         fields: dict[str, Any] = {
             "bucket": item.removal.bucket,

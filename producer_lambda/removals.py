@@ -23,6 +23,15 @@ features costs one request and leaves no delete marker in a versioned output buc
 same bytes whose message the consumer settles between step 2 and step 3 finds its features current
 and writes nothing, so they go (``bottleneck-reconcile`` reports the image as ``missing``).
 
+A templated output (``BOTTLENECK_OUTPUT`` ending in ``{model}/{fingerprint}/``) keeps one
+feature file per image in each version: :func:`remove_all` lists the versions under the root once
+per call (:func:`~bottleneck_contract.locations.list_versions`: one ListObjectsV2 for the root
+and one per model folder), and for each deleted key :func:`remove_versions` HEADs its feature
+file in every version, HEADs the image once if any of them exists, and deletes each found file
+on its own ETag: per file the same three steps in the same order, so the same guarantees. A
+version created after the listing (a new model's first files, written while the delete is being
+handled) is missed like any file written in flight; ``bottleneck-reconcile`` reports it.
+
 Retries: the S3 client keeps botocore's standard mode, the one layer that retries a raised call
 (:mod:`bottleneck_contract.retry`); what still fails comes back as ``failed`` with its error code,
 and the caller has the event delivered again (an SQS batch item failure, or a raised error).
@@ -37,7 +46,8 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from bottleneck_contract.locations import S3Location
+from bottleneck_contract.features import feature_key
+from bottleneck_contract.locations import OutputTemplate, S3Location, list_versions
 from bottleneck_contract.messages import Removal
 from producer_lambda.backoff import error_code
 
@@ -54,6 +64,7 @@ __all__ = [
     "RemovalOutcome",
     "remove",
     "remove_all",
+    "remove_versions",
 ]
 
 DELETED = "deleted"
@@ -81,52 +92,123 @@ class RemovalOutcome:
 
 def remove(s3: S3Client, output: S3Location, removal: Removal) -> RemovalOutcome:
     """Remove the feature file of ``removal`` if the image is gone; never raises for AWS errors."""
-    feature = output.feature_key(removal.key)
+    return remove_versions(s3, (output,), removal)[0]
 
-    def outcome(result: str, exc: BaseException | None = None) -> RemovalOutcome:
-        if exc is None:
-            return RemovalOutcome(removal, feature, result)
-        return RemovalOutcome(removal, feature, result, error_code(exc), str(exc))
 
+def remove_versions(
+    s3: S3Client, versions: Sequence[S3Location], removal: Removal
+) -> list[RemovalOutcome]:
+    """Remove ``removal``'s feature file from each of ``versions`` if the image is gone: one
+    outcome per version, in order; never raises for AWS errors.
+
+    Requests: a HEAD per version; the image's HEAD once, only when some file exists; a
+    conditional DELETE per file found (see the module docstring).
+    """
+    outcomes: list[RemovalOutcome] = []
+    found: list[tuple[int, S3Location, str, str]] = []  # (index in outcomes, version, key, ETag)
+    for version in versions:
+        feature = version.feature_key(removal.key)
+        try:
+            etag = s3.head_object(Bucket=version.bucket, Key=feature)["ETag"]
+        except ClientError as exc:
+            if _status(exc) == 404:
+                outcomes.append(_outcome(removal, feature, ALREADY_GONE))
+            else:
+                outcomes.append(_outcome(removal, feature, FAILED, exc))
+            continue
+        except BotoCoreError as exc:
+            outcomes.append(_outcome(removal, feature, FAILED, exc))
+            continue
+        found.append((len(outcomes), version, feature, etag))
+        outcomes.append(_outcome(removal, feature, SOURCE_EXISTS))  # until the image is gone
+    if not found:
+        return outcomes
     try:
-        try:
-            etag = s3.head_object(Bucket=output.bucket, Key=feature)["ETag"]
-        except ClientError as exc:
-            if _status(exc) == 404:
-                return outcome(ALREADY_GONE)
-            raise
-        try:
-            s3.head_object(Bucket=removal.bucket, Key=removal.key)
-            return outcome(SOURCE_EXISTS)
-        except ClientError as exc:
-            if _status(exc) != 404:
-                raise
-        try:
-            s3.delete_object(Bucket=output.bucket, Key=feature, IfMatch=etag)
-        except ClientError as exc:
-            if _status(exc) == 412:
-                return outcome(FEATURES_CHANGED)
-            if _status(exc) == 404:
-                return outcome(ALREADY_GONE)
-            raise
-        return outcome(DELETED)
-    except (ClientError, BotoCoreError) as exc:
-        return outcome(FAILED, exc)
+        s3.head_object(Bucket=removal.bucket, Key=removal.key)
+        return outcomes  # a re-upload: every file stays (source-exists)
+    except ClientError as exc:
+        if _status(exc) != 404:
+            return _fail(outcomes, found, removal, exc)
+    except BotoCoreError as exc:
+        return _fail(outcomes, found, removal, exc)
+    for index, version, feature, etag in found:
+        outcomes[index] = _delete(s3, removal, version.bucket, feature, etag)
+    return outcomes
+
+
+def _fail(
+    outcomes: list[RemovalOutcome],
+    found: Sequence[tuple[int, S3Location, str, str]],
+    removal: Removal,
+    exc: BaseException,
+) -> list[RemovalOutcome]:
+    # The image's HEAD failed (a 403 above all): no found file may go on a guess.
+    for index, _, feature, _ in found:
+        outcomes[index] = _outcome(removal, feature, FAILED, exc)
+    return outcomes
+
+
+def _delete(s3: S3Client, removal: Removal, bucket: str, feature: str, etag: str) -> RemovalOutcome:
+    try:
+        s3.delete_object(Bucket=bucket, Key=feature, IfMatch=etag)
+    except ClientError as exc:
+        if _status(exc) == 412:
+            return _outcome(removal, feature, FEATURES_CHANGED)
+        if _status(exc) == 404:
+            return _outcome(removal, feature, ALREADY_GONE)
+        return _outcome(removal, feature, FAILED, exc)
+    except BotoCoreError as exc:
+        return _outcome(removal, feature, FAILED, exc)
+    return _outcome(removal, feature, DELETED)
+
+
+def _outcome(
+    removal: Removal, feature: str, result: str, exc: BaseException | None = None
+) -> RemovalOutcome:
+    if exc is None:
+        return RemovalOutcome(removal, feature, result)
+    return RemovalOutcome(removal, feature, result, error_code(exc), str(exc))
 
 
 def remove_all(
     s3: S3Client,
-    output: S3Location,
+    output: S3Location | OutputTemplate,
     removals: Iterable[Removal],
     *,
     workers: int = DEFAULT_WORKERS,
 ) -> list[RemovalOutcome]:
-    """:func:`remove` for each removal, ``workers`` at a time; outcomes in the given order."""
+    """The outcomes of every removal, ``workers`` removals at a time, in the given order.
+
+    A plain output: one outcome per removal (:func:`remove`). A templated one: its versions are
+    listed once for all the removals, then one outcome per removal and version; a removal for
+    which no version exists is one ``already-gone`` whose key keeps the placeholders. A failed
+    listing fails every removal (their events come back).
+    """
+    template = output if isinstance(output, OutputTemplate) else OutputTemplate(output)
     todo: Sequence[Removal] = list(removals)
+    if not todo:
+        return []
+    versions: Sequence[S3Location] = (template.root,)
+    if template.templated:
+        try:
+            versions = list_versions(s3, template).found
+        except (ClientError, BotoCoreError) as exc:
+            return [_outcome(r, _pattern(template, r), FAILED, exc) for r in todo]
+
+    def one(removal: Removal) -> list[RemovalOutcome]:
+        if not versions:
+            return [_outcome(removal, _pattern(template, removal), ALREADY_GONE)]
+        return remove_versions(s3, versions, removal)
+
     if len(todo) <= 1 or workers <= 1:
-        return [remove(s3, output, removal) for removal in todo]
+        return [outcome for removal in todo for outcome in one(removal)]
     with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-        return list(pool.map(lambda removal: remove(s3, output, removal), todo))
+        return [outcome for outcomes in pool.map(one, todo) for outcome in outcomes]
+
+
+def _pattern(template: OutputTemplate, removal: Removal) -> str:
+    # Where the feature files would be, placeholders kept: what the log says when none is.
+    return feature_key(template.key_prefix, removal.key)
 
 
 def _status(exc: ClientError) -> int:

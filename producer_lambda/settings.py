@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bottleneck_contract.locations import InvalidS3Uri, S3Location
+from bottleneck_contract.locations import InvalidS3Uri, OutputTemplate, S3Location
 
 __all__ = [
     "DEFAULT_JOB_NAME_PREFIX",
@@ -27,6 +27,7 @@ __all__ = [
     "parse_count",
     "parse_job_name_prefix",
     "parse_location",
+    "parse_output",
     "parse_suffixes",
 ]
 
@@ -67,6 +68,15 @@ def parse_location(uri: str, option: str) -> S3Location:
         raise SettingsError(str(exc)) from None
 
 
+def parse_output(uri: str, option: str) -> OutputTemplate:
+    """Parse an output that may end in ``{model}/{fingerprint}/`` placeholders (see
+    :class:`~bottleneck_contract.locations.OutputTemplate`); errors name ``option``."""
+    try:
+        return OutputTemplate.parse(uri, option)
+    except InvalidS3Uri as exc:
+        raise SettingsError(str(exc)) from None
+
+
 @dataclass(frozen=True, slots=True)
 class ScalingSettings:
     """What the scaler needs: where to submit, and the two numbers of its rule."""
@@ -94,7 +104,10 @@ class Settings:
     """Everything the Lambda handler reads from its environment.
 
     ``scaling`` is ``None`` when neither ``BOTTLENECK_JOB_QUEUE`` nor
-    ``BOTTLENECK_JOB_DEFINITION`` is set: the function then only enqueues.
+    ``BOTTLENECK_JOB_DEFINITION`` is set: the function then only enqueues. ``output`` is where
+    feature files lie under, the location whose events are ignored: for a templated
+    ``BOTTLENECK_OUTPUT`` its root, every version of it included, with the template in
+    ``output_template``.
     """
 
     queue_url: str
@@ -102,6 +115,17 @@ class Settings:
     input_prefix: str = ""
     suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
     scaling: ScalingSettings | None = None
+    output_template: OutputTemplate | None = None
+
+    def __post_init__(self) -> None:
+        template = self.output_template
+        if template is not None and (template.root != self.output or not template.templated):
+            raise SettingsError(f"output template {template} is not a template of {self.output}")
+
+    @property
+    def feature_output(self) -> OutputTemplate:
+        """Where deleted images' feature files are looked for: one prefix, or every version."""
+        return self.output_template or OutputTemplate(self.output)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -122,10 +146,10 @@ class Settings:
         output_uri = get("BOTTLENECK_OUTPUT")
         if not output_uri:
             raise SettingsError(
-                "BOTTLENECK_OUTPUT is required (s3://bucket/prefix/ of the feature files; "
-                "events under it are ignored)"
+                "BOTTLENECK_OUTPUT is required (s3://bucket/prefix/ of the feature files, "
+                "optionally ending in {model}/{fingerprint}/; events under it are ignored)"
             )
-        output = parse_location(output_uri, "BOTTLENECK_OUTPUT")
+        template = parse_output(output_uri, "BOTTLENECK_OUTPUT")
         input_prefix = get("BOTTLENECK_INPUT_PREFIX")
         if input_prefix.startswith("s3://"):
             raise SettingsError(
@@ -163,10 +187,11 @@ class Settings:
             )
         return cls(
             queue_url=queue_url,
-            output=output,
+            output=template.root,
             input_prefix=input_prefix,
             suffixes=suffixes,
             scaling=scaling,
+            output_template=template if template.templated else None,
         )
 
 

@@ -442,3 +442,152 @@ def test_deleting_one_old_version_keeps_the_features_of_the_current_one(
 def test_the_consumer_still_reads_deletes_as_no_work(body: dict[str, Any]) -> None:
     # The consumer's one parser: a delete on the work queue is never an image to compute.
     assert parse_body(json.dumps(body)) == []
+
+
+# ---------------------------------------------------------------------------- templated outputs
+
+ROOT = S3Location(FEATS, "features/")
+TEMPLATE = "s3://feats/features/{model}/{fingerprint}/"
+FP_A, FP_B = "0123456789abcdef", "fedcba9876543210"
+VERSIONS = (
+    S3Location(FEATS, f"features/resnet50.a1_in1k/{FP_A}/"),
+    S3Location(FEATS, f"features/test_vit/{FP_B}/"),
+)
+
+
+@pytest.fixture
+def versioned(queue_url: str) -> Settings:
+    """The stack's upload function: BOTTLENECK_OUTPUT with placeholders."""
+    env = {
+        "BOTTLENECK_QUEUE_URL": queue_url,
+        "BOTTLENECK_OUTPUT": TEMPLATE,
+        "BOTTLENECK_INPUT_PREFIX": "uploads/",
+    }
+    return Settings.from_env(env)
+
+
+def in_version(s3: Any, version: S3Location, source_key: str) -> bool:
+    key = version.feature_key(source_key)
+    listed = s3.list_objects_v2(Bucket=FEATS, Prefix=key).get("Contents", [])
+    return any(item["Key"] == key for item in listed)
+
+
+def _env() -> dict[str, str]:
+    return {"BOTTLENECK_QUEUE_URL": "https://q.example/1/work", "BOTTLENECK_OUTPUT": TEMPLATE}
+
+
+def test_a_templated_output_is_read_as_its_root_and_its_versions(versioned: Settings) -> None:
+    assert versioned.output == ROOT  # the loop guard: every version lies under it
+    assert str(versioned.feature_output) == TEMPLATE
+    assert (
+        Settings.from_env({**_env(), "BOTTLENECK_OUTPUT": "s3://feats/v1"}).output_template is None
+    )
+
+
+def test_a_bad_template_is_one_line_naming_the_variable() -> None:
+    with pytest.raises(ValueError, match=r"^BOTTLENECK_OUTPUT has '\{modle\}'"):
+        Settings.from_env({**_env(), "BOTTLENECK_OUTPUT": "s3://feats/f/{modle}/"})
+
+
+def test_an_upload_then_a_delete_removes_the_file_of_every_version(
+    versioned: Settings, s3: Any, sqs: Any, s3_calls: Counter[str]
+) -> None:
+    # GIVEN three images with features under two versions (two models), beside a flat output's
+    # leftover folder and the consumer's own folder, all deleted
+    keys = ["uploads/a.jpg", "uploads/b.jpg", "uploads/c.jpg"]
+    for key in keys:
+        etag = put_image(s3, key)
+        for version in VERSIONS:
+            put_feature(s3, version.prefix, key, etag=etag)
+        s3.delete_object(Bucket=IMAGES, Key=key)
+    put_feature(s3, "features/", "uploads/a.jpg", etag="flat")
+    s3.put_object(Bucket=FEATS, Key=f"{VERSIONS[0].prefix}_bottleneck/running/m", Body=b"")
+    s3_calls.clear()
+    # WHEN the delete events arrive in one batch
+    event = sqs_event(*(deleted(key) for key in keys))
+    summary = handle(event, versioned, sqs=sqs, s3=s3, batch=None)
+    calls = Counter(s3_calls)
+    # THEN every version's file is gone, one outcome per file; the folders outside any version
+    # are left alone
+    assert summary["deletes"] == NO_DELETES | {"deleted": 6}
+    assert summary["batchItemFailures"] == []
+    assert not any(in_version(s3, v, key) for v in VERSIONS for key in keys)
+    assert in_version(s3, ROOT, "uploads/a.jpg")
+    # AND the versions were listed once for the batch: the root, then each folder in it (two
+    # models and the leftover uploads/); per image a HEAD per version, one HEAD of the image,
+    # a DELETE per file
+    assert calls == Counter(
+        {"ListObjectsV2": 1 + 3, "HeadObject": 3 * (2 + 1), "DeleteObject": 3 * 2}
+    )
+
+
+def test_a_delete_then_a_reupload_keeps_the_files_of_every_version(
+    versioned: Settings, s3: Any, sqs: Any
+) -> None:
+    # GIVEN an image deleted and uploaded again, with both versions' features of the new image
+    # written before the delete event is handled
+    old = put_image(s3, "uploads/a.jpg", b"old bytes")
+    s3.delete_object(Bucket=IMAGES, Key="uploads/a.jpg")
+    new = put_image(s3, "uploads/a.jpg", b"new bytes")
+    for version in VERSIONS:
+        put_feature(s3, version.prefix, "uploads/a.jpg", etag=new)
+    assert old != new
+    # WHEN the delete event comes
+    summary = handle(sqs_event(deleted("uploads/a.jpg")), versioned, sqs=sqs, s3=s3, batch=None)
+    # THEN the image is there again: both files stay
+    assert summary["deletes"] == NO_DELETES | {"source-exists": 2}
+    assert all(in_version(s3, v, "uploads/a.jpg") for v in VERSIONS)
+
+
+def test_a_version_without_the_file_and_a_root_without_versions(
+    versioned: Settings, s3: Any, sqs: Any, s3_calls: Counter[str]
+) -> None:
+    # GIVEN a deleted image whose features exist in one of two versions only
+    put_feature(s3, VERSIONS[0].prefix, "uploads/a.jpg", etag="e")
+    put_feature(s3, VERSIONS[1].prefix, "uploads/other.jpg", etag="e")
+    summary = handle(sqs_event(deleted("uploads/a.jpg")), versioned, sqs=sqs, s3=s3, batch=None)
+    # THEN that one goes, and the other version counts as already gone
+    assert summary["deletes"] == NO_DELETES | {"deleted": 1, "already-gone": 1}
+    assert not in_version(s3, VERSIONS[0], "uploads/a.jpg")
+    # GIVEN no version at all under the root
+    for version in VERSIONS:
+        s3.delete_object(Bucket=FEATS, Key=version.feature_key("uploads/other.jpg"))
+    s3_calls.clear()
+    # WHEN a delete comes THEN the root's listing settles it: one outcome, no HEAD
+    summary = handle(sqs_event(deleted("uploads/x.jpg")), versioned, sqs=sqs, s3=s3, batch=None)
+    assert summary["deletes"] == NO_DELETES | {"already-gone": 1}
+    assert s3_calls == Counter({"ListObjectsV2": 1})
+
+
+def test_a_failed_listing_sends_every_delete_back(versioned: Settings, s3: Any, sqs: Any) -> None:
+    # GIVEN a role that may not list the feature bucket
+    put_feature(s3, VERSIONS[0].prefix, "uploads/a.jpg", etag="e")
+
+    class NoList:
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def get_paginator(self, name: str) -> Any:
+            raise _error(403, "AccessDenied", "ListObjectsV2")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+    event = sqs_event(deleted("uploads/a.jpg"), deleted("uploads/b.jpg"))
+    # WHEN the batch is handled THEN every record fails (raised: all of them) and nothing goes
+    with pytest.raises(RemovalError, match=r"2 removals failed .*AccessDenied"):
+        handle(event, versioned, sqs=sqs, s3=NoList(s3), batch=None)  # type: ignore[arg-type]
+    assert in_version(s3, VERSIONS[0], "uploads/a.jpg")
+
+
+def test_events_under_any_version_are_ignored(
+    versioned: Settings, s3: Any, sqs: Any, s3_calls: Counter[str]
+) -> None:
+    # GIVEN the delete event of a feature file in a version (what the removal itself causes)
+    key = put_feature(s3, VERSIONS[1].prefix, "uploads/x.jpg", etag="e")
+    s3_calls.clear()
+    event = sqs_event(deleted(key.removesuffix(".npy"), bucket=FEATS))
+    # WHEN it is handled THEN it is skipped without a request: the root is the loop guard
+    summary = handle(event, versioned, sqs=sqs, s3=s3, batch=None)
+    assert summary["skipped"] == {"output-prefix": 1}
+    assert s3_calls == Counter()
