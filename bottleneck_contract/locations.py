@@ -269,14 +269,50 @@ def list_versions(
 def find_versions(s3: S3Client, template: OutputTemplate, *, max_folders: int = 100) -> Versions:
     """The versions a tool should look at for an output it was given.
 
-    A template is listed by its own fields. A plain location is listed as the stack's layout
-    (:data:`DEFAULT_FIELDS`) under it, giving up past ``max_folders`` folders in it: a root of
-    versions holds a few model folders, a flat output's folders can be many. No version found
-    means a flat output, to be treated as it always was.
+    A template is listed by its own fields. A plain location is a guess: it is listed as the
+    stack's layout (:data:`DEFAULT_FIELDS`), giving up past ``max_folders`` folders in it (a
+    root of versions holds a few model folders, a flat output's folders can be many), and each
+    folder found is confirmed by one of its feature files, whose ``fingerprint`` metadata must
+    be the folder's name (a ListObjectsV2 and a HeadObject each): a flat output whose images
+    happen to lie in 16-hex-digit folders stays flat. No version found means a flat output, to
+    be treated as it always was.
     """
     if template.templated:
         return list_versions(s3, template)
-    return list_versions(s3, OutputTemplate(template.root, DEFAULT_FIELDS), max_folders=max_folders)
+    guess = OutputTemplate(template.root, DEFAULT_FIELDS)
+    listed = list_versions(s3, guess, max_folders=max_folders)
+    requests = listed.requests
+    kept: list[S3Location] = []
+    others = set(listed.others)
+    for version in listed.found:
+        confirmed, calls = _confirm(s3, version, listed.label(version).rsplit("/", 1)[-1])
+        requests += calls
+        if confirmed:
+            kept.append(version)
+        else:
+            others.add(listed.root.prefix + listed.label(version).split("/", 1)[0] + "/")
+    others -= {folder for folder in others if any(v.prefix.startswith(folder) for v in kept)}
+    return Versions(listed.root, tuple(kept), tuple(sorted(others)), requests)
+
+
+def _confirm(s3: S3Client, version: S3Location, fingerprint: str) -> tuple[bool, int]:
+    """Whether a feature file in ``version`` carries ``fingerprint``, and the calls it took."""
+    page = s3.list_objects_v2(Bucket=version.bucket, Prefix=version.prefix, MaxKeys=100)
+    for item in page.get("Contents", []):
+        rest = item["Key"][len(version.prefix) :]
+        if not rest.endswith(".npy") or rest.startswith(tuple(f"{f}/" for f in RESERVED_FOLDERS)):
+            continue
+        try:
+            head = s3.head_object(Bucket=version.bucket, Key=item["Key"])
+        except Exception as exc:  # botocore's ClientError; this module imports no botocore
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                return True, 2  # deleted since the listing: nothing says otherwise
+            raise
+        metadata = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
+        return metadata.get("fingerprint") == fingerprint, 2
+    # Only the consumer's own folders so far: nothing of a flat output's kind.
+    return True, 1
 
 
 def _folders(s3: S3Client, bucket: str, prefix: str) -> tuple[list[str], int]:

@@ -156,6 +156,21 @@ class FakeListing:
         self.keys = sorted(keys)
         self.page = page
         self.calls: list[str] = []
+        self.heads: list[str] = []
+
+    def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls.append(kwargs["Prefix"])
+        keys = [k for k in self.keys if k.startswith(kwargs["Prefix"])][: kwargs["MaxKeys"]]
+        return {"Contents": [{"Key": key} for key in keys]}
+
+    def head_object(self, **kwargs: Any) -> dict[str, Any]:
+        # A version's files carry its fingerprint, as the consumer writes them; a flat output's
+        # images (under uploads/) another one.
+        self.heads.append(kwargs["Key"])
+        fingerprint = kwargs["Key"].split("/")[2]
+        if kwargs["Key"].startswith("features/uploads/"):
+            fingerprint = "1111222233334444"
+        return {"Metadata": {"fingerprint": fingerprint}}
 
     def get_paginator(self, name: str) -> FakeListing:
         assert name == "list_objects_v2"
@@ -225,3 +240,26 @@ def test_a_template_without_placeholders_lists_nothing() -> None:
     listing = FakeListing([f"v1/{FP_A}/x/a.jpg.npy"])
     versions = list_versions(cast(Any, listing), OutputTemplate.parse("s3://feats/v1/"))
     assert (versions.found, versions.requests, listing.calls) == ((), 0, [])
+
+
+def test_a_guessed_root_keeps_only_folders_its_files_confirm() -> None:
+    # GIVEN a root with one real version, and a flat output's images in a folder that happens
+    # to be named like a fingerprint (their files carry another fingerprint)
+    listing = FakeListing(
+        [
+            f"features/test_vit/{FP_A}/_bottleneck/running/m",
+            f"features/test_vit/{FP_A}/images/a.jpg.npy",
+            "features/uploads/0123456789abcdee/a.jpg.npy",
+        ]
+    )
+    # WHEN a tool guesses the layout under the root
+    versions = find_versions(cast(Any, listing), OutputTemplate.parse("s3://feats/features/"))
+    # THEN one file of each candidate was read, past the consumer's own folder, and only the
+    # confirmed folder is a version; the other is named as a folder outside any version
+    assert versions.labels == [f"test_vit/{FP_A}"]
+    assert versions.others == ("features/uploads/",)
+    assert listing.heads == [
+        f"features/test_vit/{FP_A}/images/a.jpg.npy",
+        "features/uploads/0123456789abcdee/a.jpg.npy",
+    ]
+    assert versions.requests == 3 + 2 * 2
