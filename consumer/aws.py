@@ -57,6 +57,9 @@ _RETRYABLE_CODES = {
 class Clients:
     s3: Any
     sqs: Any
+    # The session the clients came from: its credentials sign the lean SQS client's requests
+    # (consumer.sqs_lean). None for clients made elsewhere (tests): the default session's then.
+    session: boto3.Session | None = None
 
 
 def make_clients(*, pool_size: int, session: boto3.Session | None = None) -> Clients:
@@ -78,7 +81,11 @@ def make_clients(*, pool_size: int, session: boto3.Session | None = None) -> Cli
         read_timeout=40,
         tcp_keepalive=True,
     )
-    return Clients(session.client("s3", config=s3_config), session.client("sqs", config=sqs_config))
+    return Clients(
+        session.client("s3", config=s3_config),
+        session.client("sqs", config=sqs_config),
+        session,
+    )
 
 
 def error_code(exc: BaseException) -> str | None:

@@ -32,6 +32,7 @@ from consumer.model import (
 from consumer.objects import ObjectClient, open_objects
 from consumer.preprocess import ImagePreparer, InputSpec, Preparer
 from consumer.sqs import WorkQueue, resolve_dead_letter_url
+from consumer.sqs_lean import open_queue_client, queue_client_name
 from consumer.weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -166,14 +167,17 @@ def build_runtime(
     """Resolve queues, weights and the model; raises :class:`ConfigError` on any bad setting.
 
     With ``clients`` passed in (moto in-process, a fault-injecting proxy), ``--s3-client auto``
-    uses their S3 client for the object calls too: the caller chose where S3 is.
+    and ``--sqs-client auto`` use those clients for the hot path's calls too: the caller chose
+    where S3 and SQS are, and how they answer.
     """
     pool = config.fetch_concurrency + config.write_concurrency + config.receivers + 4
-    s3_client = config.s3_client
-    if clients is not None and s3_client == "auto":
-        s3_client = "boto3"
+    s3_client, sqs_client = config.s3_client, config.sqs_client
+    if clients is not None:
+        s3_client = "boto3" if s3_client == "auto" else s3_client
+        sqs_client = "boto3" if sqs_client == "auto" else sqs_client
     clients = clients or make_clients(pool_size=pool)
     objects = objects or open_objects(s3_client, clients.s3)
+    queue_client = open_queue_client(sqs_client, clients.sqs, clients.session)
     try:
         dead_letter_url = config.dead_letter_url or resolve_dead_letter_url(
             clients.sqs, config.queue_url
@@ -197,7 +201,7 @@ def build_runtime(
         config=config,
         clients=clients,
         objects=objects,
-        work_queue=WorkQueue(clients.sqs, config.queue_url, dead_letter_url),
+        work_queue=WorkQueue(queue_client, config.queue_url, dead_letter_url),
         backbone=backbone,
         prepare=prepare,
         batch_decoder=build_batch_decoder(config, backbone, prepare),
@@ -222,6 +226,7 @@ def build_runtime(
                 "fingerprint": runtime.fingerprint,
                 "dead_letter_url": dead_letter_url,
                 "s3_client": objects.name,
+                "sqs_client": queue_client_name(queue_client),
             }
         },
     )
