@@ -52,6 +52,7 @@ from producer_lambda.settings import (
     DEFAULT_JOB_NAME_PREFIX,
     DEFAULT_MAX_JOBS,
     DEFAULT_MESSAGES_PER_JOB,
+    DEFAULT_SUFFIXES,
     ScalingSettings,
     SettingsError,
     bottleneck_environ,
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--suffixes",
         help="comma-separated image suffixes, any case [BOTTLENECK_SUFFIXES, default "
-        ".jpg,.jpeg,.png,.webp,.bmp,.gif,.tif,.tiff]",
+        f"{','.join(DEFAULT_SUFFIXES)}]",
     )
     parser.add_argument(
         "--dry-run",
