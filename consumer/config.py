@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bottleneck_contract.locations import S3Location
+from bottleneck_contract.locations import OutputTemplate, S3Location
 from consumer.errors import ConfigError
 
 ENV_PREFIX = "BOTTLENECK_"
@@ -29,6 +29,8 @@ class Config:
     """Everything the consumer needs to run, resolved and validated once at start-up."""
 
     queue_url: str
+    # As given: {model}/{fingerprint} placeholders stay in its prefix until build_runtime expands
+    # them (the fingerprint needs the built model); the worker only ever sees the expansion.
     output: S3Location
     dead_letter_url: str | None = None
     model: str = "resnet50"
@@ -129,6 +131,11 @@ class Config:
         config = cls(**values)
         _check_layout(config, values)
         return config
+
+    @property
+    def output_template(self) -> OutputTemplate:
+        """``--output`` as a template (no fields when it names one concrete prefix)."""
+        return OutputTemplate.parse(str(self.output))
 
     @property
     def queue_name(self) -> str:
@@ -333,6 +340,13 @@ def _weights(text: Any) -> str:
     return value  # a local path; its existence is checked when the model is built
 
 
+def _output(text: Any) -> S3Location:
+    # Checked here, so that a bad placeholder is a config error before anything is built; kept
+    # as written (placeholders in the prefix) for build_runtime to expand.
+    template = OutputTemplate.parse(str(text))
+    return S3Location(template.root.bucket, template.key_prefix)
+
+
 def _hook_path(text: Any) -> str:
     module, sep, name = str(text).partition(":")
     if not (sep and module and name.isidentifier()):
@@ -357,8 +371,10 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "output",
-        lambda t: S3Location.parse(str(t)),
-        "s3://bucket/prefix/ for feature files (required)",
+        _output,
+        "s3://bucket/prefix/ for feature files (required); may end in {model}/{fingerprint}/ "
+        "(whole segments, either or both), filled in at start-up, so that each model and "
+        "setting writes beside the others",
         "S3URI",
     ),
     Option("model", _model_name, "timm model name, optionally with .tag (default resnet50)"),

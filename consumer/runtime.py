@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -57,6 +57,11 @@ class Runtime:
     # --decode cuda: JPEGs decoded a micro-batch at a time on the device by the inference
     # thread (the loader then only fetches); None on the host paths.
     batch_decoder: GpuBatchDecoder | None = None
+
+    def __post_init__(self) -> None:
+        # A worker given a template would write into a folder literally named "{model}".
+        if self.config.output_template.templated:
+            raise ValueError(f"the runtime's output must be expanded: {self.config.output}")
 
 
 def build_backbone(
@@ -197,6 +202,8 @@ def build_runtime(
             "model warmed up", extra={"fields": {"seconds": round(time.monotonic() - started, 1)}}
         )
     prepare = build_preparer(config, backbone)
+    fingerprint = settings.fingerprint()
+    config = expand_output(config, settings.model, fingerprint)
     runtime = Runtime(
         config=config,
         clients=clients,
@@ -206,7 +213,7 @@ def build_runtime(
         prepare=prepare,
         batch_decoder=build_batch_decoder(config, backbone, prepare),
         settings=settings,
-        fingerprint=settings.fingerprint(),
+        fingerprint=fingerprint,
         feature_shape=feature_shape,
     )
     log.info(
@@ -224,6 +231,7 @@ def build_runtime(
                 "feature_shape": list(feature_shape),
                 "input": list(backbone.spec.input_size),
                 "fingerprint": runtime.fingerprint,
+                "output": str(config.output),
                 "dead_letter_url": dead_letter_url,
                 "s3_client": objects.name,
                 "sqs_client": queue_client_name(queue_client),
@@ -231,6 +239,24 @@ def build_runtime(
         },
     )
     return runtime
+
+
+def expand_output(config: Config, model: str, fingerprint: str) -> Config:
+    """``config`` with ``--output``'s ``{model}`` and ``{fingerprint}`` filled in (unchanged
+    without placeholders): everything downstream (feature keys, the quarantine's markers and the
+    dedupe index under ``<output>_bottleneck/``) then lies in this model's and setting's folder.
+
+    ``model`` is the resolved label the feature files' ``model`` metadata carries
+    (``resnet50.a1_in1k`` for ``resnet50``), so a folder says which weights' tag it holds.
+    """
+    template = config.output_template
+    if not template.templated:
+        return config
+    try:
+        output = template.expand(model, fingerprint)
+    except ValueError as exc:
+        raise ConfigError(f"--output {template}: {exc}") from None
+    return replace(config, output=output)
 
 
 def _line(exc: BaseException) -> str:
