@@ -32,6 +32,18 @@ Without ``--fix`` this tool only reads. ``--fix`` hands each finding, as it stre
 what it would do. That module says how, and what is left in place; this one classifies, parses
 the command line, prints the report and chooses the exit status.
 
+Versions: an ``--output`` that is a root of versions (the stack's ``s3://b/features/``, or its
+template ``s3://b/features/{model}/{fingerprint}/``; see
+:func:`~bottleneck_contract.locations.find_versions`) is reconciled once per
+``<model>/<fingerprint>`` folder, each held to the fingerprint in its name: a table says how
+complete each is (images with a current file, of the images accepted), then each version's
+report follows. With ``--json`` each finding names its ``version``, and the summary line holds
+``versions`` (each version's summary, plus ``accepted``, ``with_file``, ``complete`` and
+``percent_complete``) and ``other_folders`` (folders under the root in no version). ``--fix``
+takes a root holding exactly one version (that version is fixed), and ``--fingerprint`` none:
+name one version's prefix instead. A prefix that holds feature files directly is reconciled
+as it always was.
+
 Output: with ``--json``, one JSON object per finding, then a summary line; otherwise counts per
 kind with the first ``--limit`` keys of each. With ``--fix`` the summary also says what was
 deleted, enqueued, left in place, failed and not done (``"fix"`` in the JSON summary), each
@@ -51,7 +63,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -63,7 +75,13 @@ from bottleneck_contract.features import (
     feature_key,
     source_key_of,
 )
-from bottleneck_contract.locations import S3Location
+from bottleneck_contract.locations import (
+    DEFAULT_FIELDS,
+    OutputTemplate,
+    S3Location,
+    Versions,
+    find_versions,
+)
 from bottleneck_tools.backfill import Listed, in_feature_order, list_objects
 from bottleneck_tools.cmdline import OneLineParser, Progress, flag_or_env
 from producer_lambda.backoff import error_code
@@ -73,6 +91,7 @@ from producer_lambda.settings import (
     bottleneck_environ,
     parse_count,
     parse_location,
+    parse_output,
     parse_suffixes,
 )
 
@@ -151,6 +170,7 @@ class Report:
     """Counts of one run; ``fingerprints`` counts the feature files HEADed, per fingerprint."""
 
     images: int = 0
+    accepted: int = 0  # images the key filter takes (not in the summary: a version's only)
     features: int = 0
     checked: int = 0
     vanished: int = 0
@@ -295,10 +315,12 @@ def reconcile(
     heads: bool = True,
     concurrency: int = 16,
     report: Report | None = None,
+    root: S3Location | None = None,
 ) -> Generator[Finding, None, None]:
     """Stream the findings for ``source`` against ``output``; counts accumulate in ``report``.
 
-    Objects of ``source`` under ``output`` (when the two overlap) are not images. A feature file
+    Objects of ``source`` under ``root`` (default ``output``; a version's root of versions, so
+    that no version's files count as images) are not images. A feature file
     deleted between the listing and its HEAD is counted in ``report.vanished``. Without
     ``fingerprint`` (and with ``heads``) the ``stale-fingerprint`` findings come last, once the
     majority fingerprint is known. AWS errors are raised.
@@ -306,12 +328,14 @@ def reconcile(
     report = report if report is not None else Report()
     report.heads = heads
     report.expected_fingerprint = fingerprint
-    accept = key_filter or KeyFilter(input_prefix=source.prefix, output=output)
+    accept = key_filter or KeyFilter(input_prefix=source.prefix, output=root or output)
+    outside = root or output
 
     def images() -> Iterator[Listed]:
         for obj in list_objects(s3, source.bucket, source.prefix):
-            if not output.contains(source.bucket, obj.key):
+            if not outside.contains(source.bucket, obj.key):
                 report.images += 1
+                report.accepted += accept.reason(source.bucket, obj.key, obj.size) is None
                 yield obj
 
     def features() -> Iterator[Listed]:
@@ -410,7 +434,7 @@ class Options:
     """The validated command line."""
 
     source: S3Location
-    output: S3Location
+    output: S3Location  # a template's root
     fingerprint: str | None = None
     suffixes: tuple[str, ...] = ()
     heads: bool = True
@@ -421,6 +445,8 @@ class Options:
     dry_run: bool = False
     queue_url: str | None = None
     progress: bool = True
+    # --output with {model}/{fingerprint}: its versions are reconciled (output is its root).
+    output_template: OutputTemplate | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", help="s3://bucket/prefix/ of the images")
     parser.add_argument(
-        "--output", help="s3://bucket/prefix/ of the feature files [BOTTLENECK_OUTPUT]"
+        "--output",
+        help="s3://bucket/prefix/ of the feature files; a root of versions (or a template "
+        "ending in {model}/{fingerprint}/) is reconciled per version [BOTTLENECK_OUTPUT]",
     )
     parser.add_argument(
         "--fingerprint",
@@ -487,7 +515,7 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
         output_uri = args.output or environ.get("BOTTLENECK_OUTPUT", "").strip()
         if not output_uri:
             raise SettingsError("--output (or BOTTLENECK_OUTPUT) is required")
-        output = parse_location(output_uri, "--output" if args.output else "BOTTLENECK_OUTPUT")
+        template = parse_output(output_uri, "--output" if args.output else "BOTTLENECK_OUTPUT")
         suffixes_text = args.suffixes or environ.get("BOTTLENECK_SUFFIXES")
         suffixes = parse_suffixes(suffixes_text, "--suffixes" if args.suffixes else "suffixes")
         concurrency = parse_count(args.concurrency, "--concurrency", 16, 1)
@@ -508,7 +536,8 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Options:
             raise SettingsError("--fix needs --queue-url (or BOTTLENECK_QUEUE_URL)")
         return Options(
             source=source,
-            output=output,
+            output=template.root,
+            output_template=template if template.templated else None,
             fingerprint=fingerprint,
             suffixes=suffixes,
             heads=not args.no_head,
@@ -564,6 +593,23 @@ def run(
 
     out = stdout or sys.stdout
     err = stderr or sys.stderr
+    template = options.output_template or OutputTemplate(options.output)
+    try:
+        versions = find_versions(s3, template)
+    except (ClientError, BotoCoreError) as exc:
+        err.write(f"{PROG}: error: cannot list {template}: {error_code(exc)}: {exc}\n")
+        return EXIT_FAILED
+    if versions.found or template.templated:
+        problem = _versions_problem(options, template, versions)
+        if problem:
+            err.write(f"{PROG}: error: {problem}\n")
+            return EXIT_USAGE
+        if not options.fix:
+            return run_versions(options, template, versions, s3=s3, stdout=out, stderr=err)
+        # --fix on a root of one version: that version, held to its own fingerprint.
+        (version,) = versions.found
+        fingerprint = _fingerprint_of(template, versions.label(version)) if options.heads else None
+        options = replace(options, output=version, fingerprint=fingerprint)
     sending = options.fix and not options.dry_run
     if sending:
         if sqs is None or options.queue_url is None:
@@ -660,21 +706,187 @@ def run(
     return 0
 
 
+def _fields(template: OutputTemplate) -> tuple[str, ...]:
+    return template.fields or DEFAULT_FIELDS
+
+
+def _fingerprint_of(template: OutputTemplate, label: str) -> str | None:
+    """The fingerprint a version's name holds (``None`` for a ``{model}``-only template)."""
+    fields = _fields(template)
+    return label.split("/")[fields.index("fingerprint")] if "fingerprint" in fields else None
+
+
+def _versions_problem(options: Options, template: OutputTemplate, versions: Versions) -> str:
+    """Why the options do not fit a root of versions ('' when they do), in one line."""
+    names = ", ".join(versions.labels) or "none yet"
+    example = versions.found[0] if versions.found else f"{versions.root}<model>/<fingerprint>/"
+    one = f"give one version's prefix, such as {example}"
+    if options.fingerprint is not None:
+        return (
+            f"--fingerprint: {versions.root} is a root of versions ({names}), each held to the "
+            f"fingerprint in its name; {one}"
+        )
+    if options.fix and len(versions.found) != 1:
+        return (
+            f"--fix: {versions.root} holds {len(versions.found)} versions ({names}): the "
+            f"messages would feed whichever model the consumer runs; {one}"
+        )
+    return ""
+
+
+@dataclass
+class VersionReport:
+    """One version's reconciliation, and the distinct stale images in it."""
+
+    label: str
+    location: S3Location
+    report: Report
+    shown: dict[str, list[Finding]]
+    stale_images: int = 0
+
+    @property
+    def with_file(self) -> int:
+        return max(0, self.report.accepted - self.report.counts.get(MISSING, 0))
+
+    @property
+    def complete(self) -> int | None:
+        """Images with a current file (``None`` without the HEADs that judge them)."""
+        return max(0, self.with_file - self.stale_images) if self.report.heads else None
+
+    @property
+    def percent(self) -> float | None:
+        done = self.complete if self.complete is not None else self.with_file
+        return round(100 * done / self.report.accepted, 1) if self.report.accepted else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            **self.report.summary(),
+            "accepted": self.report.accepted,
+            "with_file": self.with_file,
+            "complete": self.complete,
+            "percent_complete": self.percent,
+        }
+
+    def line(self, width: int) -> str:
+        accepted = self.report.accepted
+        done = self.complete if self.complete is not None else self.with_file
+        what = "current" if self.complete is not None else "with a file (--no-head)"
+        percent = f" ({self.percent:.1f}%)" if self.percent is not None else ""
+        text = (
+            f"  {self.label:<{width}}  {self.report.features:,} files, {done:,} of "
+            f"{accepted:,} images {what}{percent}"
+        )
+        counts = [
+            f"{kind} {self.report.counts[kind]:,}" for kind in KINDS if self.report.counts[kind]
+        ]
+        return text + (f": {', '.join(counts)}" if counts else "")
+
+
+def run_versions(
+    options: Options,
+    template: OutputTemplate,
+    versions: Versions,
+    *,
+    s3: S3Client,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> int:
+    """Reconcile the images against each version under a root (read-only); the exit status."""
+    done: list[VersionReport] = []
+    stopped: tuple[str, str] | None = None  # ("interrupted" | "error", text)
+    accept = KeyFilter(
+        suffixes=options.suffixes or parse_suffixes(None, "--suffixes"),
+        input_prefix=options.source.prefix,
+        output=versions.root,
+    )
+    for version in versions.found:
+        label = versions.label(version)
+        result = VersionReport(label, version, Report(), {kind: [] for kind in KINDS})
+        done.append(result)
+        findings = reconcile(
+            s3,
+            options.source,
+            version,
+            key_filter=accept,
+            fingerprint=_fingerprint_of(template, label) if options.heads else None,
+            heads=options.heads,
+            concurrency=options.concurrency,
+            report=result.report,
+            root=versions.root,
+        )
+        try:
+            with closing(findings):
+                for finding in findings:
+                    if finding.kind in (STALE_ETAG, STALE_FINGERPRINT) and not finding.repeat:
+                        result.stale_images += 1
+                    if options.json:
+                        line = {**finding.to_json(), "version": label}
+                        stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    elif len(result.shown[finding.kind]) < options.limit:
+                        result.shown[finding.kind].append(finding)
+        except KeyboardInterrupt:
+            result.report.interrupted = True
+            stopped = ("interrupted", "the counts cover only what was listed")
+        except (ClientError, BotoCoreError) as exc:
+            result.report.error = f"{error_code(exc)}: {exc}"
+            stopped = ("error", result.report.error)
+        if stopped:
+            break
+    if options.json:
+        summary = {
+            "root": str(versions.root),
+            "versions": {result.label: result.summary() for result in done},
+            "other_folders": list(versions.others),
+        }
+        stdout.write(json.dumps({"summary": summary}, ensure_ascii=False) + "\n")
+    else:
+        stdout.write(render_versions(options, versions, done) + "\n")
+    stdout.flush()
+    if stopped is not None:
+        stderr.write(f"{PROG}: {stopped[0]}: {stopped[1]}\n")
+        return EXIT_INTERRUPTED if stopped[0] == "interrupted" else EXIT_FAILED
+    return 0
+
+
+def render_versions(options: Options, versions: Versions, done: Sequence[VersionReport]) -> str:
+    """The table of versions (how complete each is), then each version's own report."""
+    count = len(versions.found)
+    lines = [
+        f"{options.source} -> {versions.root}: {count} version{'s' * (count != 1)} "
+        "(<model>/<fingerprint>)"
+    ]
+    if not count:
+        lines.append("  no version yet: nothing has been written under this root")
+    width = max((len(result.label) for result in done), default=0)
+    lines += [result.line(width) for result in done]
+    if versions.others:
+        cut = len(versions.root.prefix)
+        folders = ", ".join(folder[cut:] for folder in versions.others)
+        lines.append(f"  also under it, in no version (not compared): {folders}")
+    for result in done:
+        lines.append("")
+        version = replace(options, output=result.location)
+        lines.append(render_text(result.report, result.shown, version, None, "its folder's name"))
+    return "\n".join(lines)
+
+
 def render_text(
     report: Report,
     shown: Mapping[str, Sequence[Finding]],
     options: Options,
     fixed: FixReport | None = None,
+    expected_from: str | None = None,
 ) -> str:
     """The human report: what was compared, then each kind with its count and first keys, then
-    what ``--fix`` did."""
+    what ``--fix`` did. ``expected_from`` says where the expected fingerprint came from when
+    neither the majority nor ``--fingerprint`` gave it (a version's name)."""
     checked = f", {report.checked:,} checked by HEAD" if report.heads else " (--no-head)"
     lines = [
         f"{options.source} -> {options.output}: {report.images:,} objects, "
         f"{report.features:,} feature files{checked}"
     ]
     if report.expected_fingerprint is not None:
-        how = "majority of files" if report.majority else "--fingerprint"
+        how = "majority of files" if report.majority else expected_from or "--fingerprint"
         lines.append(f"  expected fingerprint {report.expected_fingerprint} ({how})")
     if len(report.fingerprints) > 1:
         spread = ", ".join(f"{fp or '-'} {n:,}" for fp, n in report.fingerprints.most_common())

@@ -21,6 +21,11 @@ Costs and side effects, so that nobody is surprised:
   that never cleared) carries no ``error-code``; it is counted as ``retries-exhausted``.
 * Counting feature files lists the output prefix: one ListObjectsV2 call per 1,000 files, every
   refresh. ``--no-features`` skips it (the rate then comes from the backlog alone).
+* Versions: an output that is a root of versions (``--output s3://b/features/``, or the
+  template ``s3://b/features/{model}/{fingerprint}/``) gets one count per ``<model>/<fingerprint>``
+  folder, found each refresh by :func:`~bottleneck_contract.locations.find_versions` (a listing
+  of the root and one per folder in it; for a root given without placeholders, a ListObjectsV2
+  and a HEAD per folder found, to confirm it). A prefix holding no version is counted as before.
 * Batch jobs: one ListJobs call per state and page, always with ``jobStatus`` (without it
   ListJobs returns RUNNING jobs only). SUCCEEDED and FAILED count what ListJobs still reports.
 * The queue counts are SQS's approximations, which lag by up to a minute: a rate over a few
@@ -45,7 +50,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from botocore.exceptions import BotoCoreError, ClientError
 
 from bottleneck_contract.features import FEATURE_SUFFIX
-from bottleneck_contract.locations import S3Location
+from bottleneck_contract.locations import OutputTemplate, S3Location, find_versions
 from bottleneck_contract.queues import redrive_target
 from bottleneck_contract.retry import no_botocore_retries
 from bottleneck_tools.backfill import list_objects
@@ -56,7 +61,7 @@ from producer_lambda.settings import (
     SettingsError,
     bottleneck_environ,
     parse_count,
-    parse_location,
+    parse_output,
 )
 
 if TYPE_CHECKING:
@@ -128,6 +133,10 @@ class Sample:
     dead_letters: DeadLetters | None = None
     jobs: Mapping[str, int] | None = None
     features: int | None = None
+    # A root of versions: feature files per <model>/<fingerprint>, and the root's other folders
+    # (not counted); None for one concrete prefix.
+    versions: Mapping[str, int] | None = None
+    other_folders: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +159,8 @@ class Options:
     """The validated command line."""
 
     queue_url: str
-    output: S3Location | None = None
+    # One prefix, a root of versions, or a template (whose root is listed for versions).
+    output: S3Location | OutputTemplate | None = None
     job_queue: str | None = None
     dead_letter_url: str | None = None
     watch: float | None = None
@@ -225,6 +235,9 @@ def to_json(sample: Sample, rate: Estimate | None) -> dict[str, Any]:
         "features": sample.features,
         "rate": None,
     }
+    if sample.versions is not None:
+        doc["versions"] = dict(sample.versions)
+        doc["other_folders"] = list(sample.other_folders)
     if sample.dead_letters is not None:
         dlq = sample.dead_letters
         doc["dead_letters"] = {
@@ -268,7 +281,7 @@ def render_text(sample: Sample, rate: Estimate | None, options: Options) -> str:
         jobs = ", ".join(f"{state} {n:,}" for state, n in sample.jobs.items() if n) or "none"
         lines.append(f"  batch jobs    {jobs}  [{options.job_queue}]")
     if sample.features is not None:
-        lines.append(f"  features      {sample.features:,} files in {options.output}")
+        lines.extend(_features_lines(sample, options))
     if rate is None:
         lines.append("  rate          - (needs two samples: --interval or --watch)")
     else:
@@ -285,6 +298,28 @@ def render_text(sample: Sample, rate: Estimate | None, options: Options) -> str:
             f"  rate          {', '.join(parts)} over {format_duration(rate.window_s)}: {eta}"
         )
     return "\n".join(lines)
+
+
+def _features_lines(sample: Sample, options: Options) -> list[str]:
+    where = _root(options.output) if sample.versions is not None else options.output
+    head = f"  features      {sample.features:,} files in {where}"
+    if sample.versions is None:
+        return [head]
+    count = len(sample.versions)
+    lines = [f"{head} ({count} version{'s' * (count != 1)}: <model>/<fingerprint>, files)"]
+    width = max((len(label) for label in sample.versions), default=0)
+    for label, count in sample.versions.items():
+        lines.append(f"                {label:<{width}}  {count:,}")
+    if sample.other_folders:
+        root = _root(options.output)
+        cut = len(root.prefix) if root is not None else 0
+        folders = ", ".join(folder[cut:] for folder in sample.other_folders)
+        lines.append(f"                also under it, in no version (not counted): {folders}")
+    return lines
+
+
+def _root(output: S3Location | OutputTemplate | None) -> S3Location | None:
+    return output.root if isinstance(output, OutputTemplate) else output
 
 
 def _by_count(counts: Mapping[str, int]) -> list[tuple[str, int]]:
@@ -418,8 +453,21 @@ def take_sample(
     if options.job_queue and batch is not None:
         jobs = count_jobs(batch, options.job_queue)
     features = None
+    versions: dict[str, int] | None = None
+    others: tuple[str, ...] = ()
     if options.output is not None and s3 is not None:
-        features = count_features(s3, options.output)
+        template = options.output
+        if isinstance(template, S3Location):
+            template = OutputTemplate(template)
+        found = find_versions(s3, template)
+        if found.found:
+            versions = {found.label(v): count_features(s3, v) for v in found.found}
+            others = found.others
+            features = sum(versions.values())
+        elif template.templated:
+            versions, features = {}, 0  # a template's root without a version yet
+        else:
+            features = count_features(s3, template.root)
     return Sample(
         at=clock(),
         taken=now(),
@@ -427,6 +475,8 @@ def take_sample(
         dead_letters=dead_letters,
         jobs=jobs,
         features=features,
+        versions=versions,
+        other_folders=others,
     )
 
 
@@ -443,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--queue-url", help="SQS work queue URL [BOTTLENECK_QUEUE_URL]")
     parser.add_argument(
-        "--output", help="s3://bucket/prefix/ of the feature files [BOTTLENECK_OUTPUT]"
+        "--output",
+        help="s3://bucket/prefix/ of the feature files; a root of versions (or a template "
+        "ending in {model}/{fingerprint}/) is counted per version [BOTTLENECK_OUTPUT]",
     )
     parser.add_argument("--job-queue", help="Batch job queue [BOTTLENECK_JOB_QUEUE]")
     parser.add_argument(
@@ -504,7 +556,7 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
     if not args.no_features:
         output_uri, var = pick(args.output, "BOTTLENECK_OUTPUT")
         if output_uri:
-            output = parse_location(output_uri, var or "--output")
+            output = parse_output(output_uri, var or "--output")
     job_queue, _ = pick(args.job_queue, "BOTTLENECK_JOB_QUEUE")
     dead_letter_url, _ = pick(args.dead_letter_url, "BOTTLENECK_DLQ_URL")
     peek = parse_count(args.peek, "--peek", 100, 0)

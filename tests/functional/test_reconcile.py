@@ -207,3 +207,150 @@ def test_ordered_map_keeps_order_and_bounds_the_window() -> None:
         assert len(seen) - item <= 7
         out.append((item, result))
     assert out == [(i, 2 * i) for i in range(50)]
+
+
+# ---------------------------------------------------------------------------- versions
+
+V1 = "0123456789abcdef"
+V2 = "fedcba9876543210"
+ROOT = "s3://feats/features/"
+
+
+@pytest.fixture
+def versioned(aws: None) -> Any:
+    """GIVEN 4 images (and a text file), and under features/ two versions: resnet50.a1_in1k/V1
+    complete, test_vit/V2 with 2 current files, one stale (re-uploaded image), one orphan and
+    one file of another fingerprint; beside them a flat output's file from before."""
+    client = boto3.client("s3", region_name=REGION)
+    client.create_bucket(Bucket="images")
+    client.create_bucket(Bucket="feats")
+    etags = {name: put_image(client, f"photos/{name}.jpg") for name in "abcd"}
+    put_image(client, "photos/notes.txt")
+    first = f"features/resnet50.a1_in1k/{V1}/"
+    second = f"features/test_vit/{V2}/"
+    for name, etag in etags.items():
+        put_feature(client, first, f"photos/{name}.jpg", etag=etag, fingerprint=V1)
+    for name in "ab":
+        put_feature(client, second, f"photos/{name}.jpg", etag=etags[name], fingerprint=V2)
+    put_feature(client, second, "photos/c.jpg", etag="before", fingerprint=V2)
+    put_feature(client, second, "photos/d.jpg", etag=etags["d"], fingerprint=V1)
+    put_feature(client, second, "photos/gone.jpg", etag="e", fingerprint=V2)
+    put_feature(client, "features/", "photos/a.jpg", etag="flat")
+    return client
+
+
+@pytest.mark.parametrize("output", [ROOT, ROOT + "{model}/{fingerprint}/"])
+def test_a_root_is_reconciled_per_version(versioned: Any, output: str) -> None:
+    code, findings, summary = run_json(
+        versioned, ["s3://images/photos/", "--output", output, "--json"]
+    )
+    assert code == 0
+    first, second = f"resnet50.a1_in1k/{V1}", f"test_vit/{V2}"
+    # THEN each version is held to the fingerprint in its name, its findings named by version
+    assert {(f["version"], f["kind"], f["key"]) for f in findings} == {
+        (second, "stale-etag", "photos/c.jpg"),
+        (second, "stale-fingerprint", "photos/d.jpg"),
+        (second, "orphan", "photos/gone.jpg"),
+    }
+    assert summary["root"] == ROOT
+    assert summary["other_folders"] == ["features/photos/"]
+    one, two = summary["versions"][first], summary["versions"][second]
+    assert (one["accepted"], one["features"], one["complete"], one["percent_complete"]) == (
+        4,
+        4,
+        4,
+        100.0,
+    )
+    assert (two["features"], two["with_file"], two["complete"], two["percent_complete"]) == (
+        5,
+        4,
+        2,
+        50.0,
+    )
+    assert two["expected_fingerprint"] == V2
+    assert two["findings"] == {"missing": 0, "stale-etag": 1, "stale-fingerprint": 1, "orphan": 1}
+    # the other version's files are not images of this one
+    assert one["images"] == two["images"] == 5
+
+
+def test_the_text_report_starts_with_how_complete_each_version_is(versioned: Any) -> None:
+    out = io.StringIO()
+    options = reconcile.parse(["s3://images/photos/", "--output", ROOT, "--limit", "1"], {})
+    assert reconcile.run(options, s3=versioned, stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[:4] == [
+        f"s3://images/photos/ -> {ROOT}: 2 versions (<model>/<fingerprint>)",
+        f"  resnet50.a1_in1k/{V1}  4 files, 4 of 4 images current (100.0%)",
+        f"  test_vit/{V2}          5 files, 2 of 4 images current (50.0%): stale-etag 1, "
+        "stale-fingerprint 1, orphan 1",
+        "  also under it, in no version (not compared): photos/",
+    ]
+    assert f"{ROOT}test_vit/{V2}/: 5 objects, 5 feature files, 4 checked by HEAD" in out.getvalue()
+    assert f"expected fingerprint {V2} (its folder's name)" in out.getvalue()
+
+
+def test_one_versions_prefix_is_reconciled_as_before(versioned: Any) -> None:
+    output = f"{ROOT}test_vit/{V2}/"
+    code, findings, summary = run_json(
+        versioned, ["s3://images/photos/", "--output", output, "--json"]
+    )
+    assert code == 0
+    assert "versions" not in summary and "version" not in findings[0]
+    assert summary["findings"]["orphan"] == 1
+    assert summary["expected_is_majority"] is True
+
+
+def test_without_heads_a_version_counts_images_with_a_file(versioned: Any) -> None:
+    _, _, summary = run_json(
+        versioned, ["s3://images/photos/", "--output", ROOT, "--no-head", "--json"]
+    )
+    two = summary["versions"][f"test_vit/{V2}"]
+    assert (two["with_file"], two["complete"], two["percent_complete"]) == (4, None, 100.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--fix", "--dry-run"], "--fix: s3://feats/features/ holds 2 versions"),
+        (["--fingerprint", V1], "--fingerprint: s3://feats/features/ is a root of versions"),
+    ],
+)
+def test_what_needs_one_version_says_so_in_one_line(
+    versioned: Any, extra: list[str], says: str
+) -> None:
+    err = io.StringIO()
+    options = reconcile.parse(["s3://images/photos/", "--output", ROOT, *extra], {})
+    assert reconcile.run(options, s3=versioned, stdout=io.StringIO(), stderr=err) == 2
+    assert err.getvalue().startswith(f"bottleneck-reconcile: error: {says}")
+    assert f"such as {ROOT}resnet50.a1_in1k/{V1}/" in err.getvalue()
+    assert err.getvalue().count("\n") == 1
+
+
+def test_fix_on_a_root_of_one_version_fixes_that_version(versioned: Any) -> None:
+    # GIVEN the root with only its second version left
+    for page in versioned.get_paginator("list_objects_v2").paginate(
+        Bucket="feats", Prefix="features/resnet50.a1_in1k/"
+    ):
+        for item in page.get("Contents", []):
+            versioned.delete_object(Bucket="feats", Key=item["Key"])
+    out = io.StringIO()
+    argv = ["s3://images/photos/", "--output", ROOT, "--fix", "--dry-run", "--json"]
+    # WHEN --fix --dry-run runs on the root
+    assert reconcile.run(reconcile.parse(argv, {}), s3=versioned, stdout=out) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    # THEN its plan is that version's: the orphan deleted, the stale images sent
+    plans = {(p["would"], p.get("uri") or p["message"]["key"]) for p in lines if "would" in p}
+    assert plans == {
+        ("delete", f"{ROOT}test_vit/{V2}/photos/gone.jpg.npy"),
+        ("enqueue", "photos/c.jpg"),
+        ("enqueue", "photos/d.jpg"),
+    }
+    assert lines[-1]["summary"]["expected_fingerprint"] == V2
+
+
+def test_a_template_whose_root_is_empty_says_no_version_yet(versioned: Any) -> None:
+    out = io.StringIO()
+    options = reconcile.parse(["s3://images/photos/", "--output", "s3://feats/new/{model}/"], {})
+    assert reconcile.run(options, s3=versioned, stdout=out) == 0
+    assert "0 versions" in out.getvalue()
+    assert "no version yet" in out.getvalue()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,10 +13,10 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from bottleneck_contract.locations import S3Location
+from bottleneck_contract.locations import OutputTemplate, S3Location
 from bottleneck_tools import status
 from producer_lambda.scaler import Backlog
-from tests.fakes import create_work_queue
+from tests.fakes import create_work_queue, put_feature
 
 REGION = "us-east-1"
 JOB_QUEUE = "gpu-queue"
@@ -316,3 +316,75 @@ def test_estimate_arithmetic() -> None:
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert status.format_duration(seconds) == text
+
+
+# ---------------------------------------------------------------------------- versions
+
+FP_A, FP_B = "0123456789abcdef", "fedcba9876543210"
+
+
+def put_versions(world: World) -> None:
+    """GIVEN under features/: resnet50.a1_in1k/FP_A with 3 files and test_vit/FP_B with 1 (and
+    quarantine markers), beside a flat output's 2 files left from before the layout changed."""
+    for version, count in ((f"resnet50.a1_in1k/{FP_A}", 3), (f"test_vit/{FP_B}", 1)):
+        for i in range(count):
+            put_feature(
+                world.s3,
+                f"features/{version}/",
+                f"images/{i}.jpg",
+                etag="e",
+                fingerprint=version[-16:],
+            )
+        world.s3.put_object(
+            Bucket="feats", Key=f"features/{version}/_bottleneck/running/m", Body=b""
+        )
+    for i in range(2):
+        put_feature(world.s3, "features/", f"images/{i}.jpg", etag="e")
+
+
+@pytest.mark.parametrize(
+    "output", ["s3://feats/features/", "s3://feats/features/{model}/{fingerprint}/"]
+)
+def test_a_root_of_versions_is_counted_per_version(world: World, output: str) -> None:
+    put_versions(world)
+    opts = status.parse(["--queue-url", world.queue_url, "--output", output, "--json"], {})
+    # WHEN status looks at the root, or at the stack's template
+    stub_jobs_round(world.stubber)
+    code, text = run(world, replace(opts, job_queue=JOB_QUEUE, interval=0.0), FakeTime())
+    # THEN each <model>/<fingerprint> has its own count, the flat leftovers are named, not counted
+    assert code == 0
+    doc = json.loads(text)
+    assert doc["versions"] == {f"resnet50.a1_in1k/{FP_A}": 3, f"test_vit/{FP_B}": 1}
+    assert doc["features"] == 4
+    assert doc["other_folders"] == ["features/images/"]
+
+
+def test_the_text_view_lists_the_versions(world: World) -> None:
+    put_versions(world)
+    stub_jobs_round(world.stubber)
+    opts = options(world, output=S3Location("feats", "features/"), json=False, interval=0.0)
+    code, text = run(world, opts, FakeTime())
+    assert code == 0
+    assert "4 files in s3://feats/features/ (2 versions: <model>/<fingerprint>, files)" in text
+    assert f"                resnet50.a1_in1k/{FP_A}  3\n" in text
+    assert f"                test_vit/{FP_B}          1\n" in text
+    assert "also under it, in no version (not counted): images/" in text
+
+
+def test_a_concrete_version_prefix_is_counted_as_before(world: World) -> None:
+    # GIVEN the same root WHEN status is given one version's prefix THEN one count, no versions
+    put_versions(world)
+    stub_jobs_round(world.stubber)
+    version = S3Location("feats", f"features/resnet50.a1_in1k/{FP_A}/")
+    code, text = run(world, options(world, output=version, interval=0.0), FakeTime())
+    doc = json.loads(text)
+    assert (code, doc["features"]) == (0, 3)
+    assert "versions" not in doc
+
+
+def test_a_template_whose_root_has_no_version_yet_counts_zero(world: World) -> None:
+    stub_jobs_round(world.stubber)
+    template = OutputTemplate.parse("s3://feats/new/{model}/{fingerprint}/")
+    code, text = run(world, options(world, output=template, interval=0.0), FakeTime())
+    doc = json.loads(text)
+    assert (code, doc["features"], doc["versions"]) == (0, 0, {})
