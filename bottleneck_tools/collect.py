@@ -80,7 +80,7 @@ from bottleneck_contract.features import (
     encode_key,
     feature_key,
 )
-from bottleneck_contract.locations import InvalidS3Uri, S3Location
+from bottleneck_contract.locations import InvalidS3Uri, OutputTemplate, S3Location, find_versions
 from bottleneck_contract.shards import (
     ShardIndex,
     ShardKey,
@@ -838,6 +838,15 @@ def run(
         )
 
     try:
+        # A root of several versions (<model>/<fingerprint>/ folders) mixes models: name one.
+        versions = find_versions(s3, OutputTemplate(parse_source(options.source)))
+        if len(versions.found) > 1:
+            err.write(
+                f"{PROG}: error: {versions.root} holds {len(versions.found)} versions "
+                f"(<model>/<fingerprint>): {', '.join(versions.labels)}; collect one, such as "
+                f"{versions.found[0]}\n"
+            )
+            return EXIT_USAGE
         result = collect(
             s3,
             options.source,

@@ -14,21 +14,25 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 from bottleneck_contract.locations import OutputTemplate, S3Location, list_versions
-from bottleneck_tools import reconcile, status
+from bottleneck_tools import collect, reconcile, status
 from consumer.config import Config
 from consumer.errors import ConfigError
 from consumer.runtime import Runtime
 from consumer.stats import Stats
 from tests.corpus import photo_jpeg
+from tests.fakes import put_feature
 from tests.functional.conftest import Stack
 from tests.functional.test_faults import upload_and_send
 
 TEMPLATE = "s3://feats/features/{model}/{fingerprint}/"
+FP_A, FP_B = "0123456789abcdef", "fedcba9876543210"
 IMAGES = {f"photos/{i:02d}.jpg": photo_jpeg(96, 72, seed=1600 + i) for i in range(5)}
 RunConsumer = Callable[..., tuple[Runtime, Stats]]
 
@@ -179,3 +183,53 @@ def test_a_template_stays_as_written_until_the_runtime_expands_it() -> None:
     )
     assert not plain.output_template.templated
     assert plain.output == S3Location("feats", "v1/")
+
+
+@pytest.fixture
+def two_versions(aws: None) -> Any:
+    """GIVEN two versions of features for the same two images under features/."""
+    s3 = boto3.client("s3", region_name="us-east-1")
+    s3.create_bucket(Bucket="feats")
+    for version in (f"resnet50.a1_in1k/{FP_A}", f"test_vit/{FP_B}"):
+        for name in ("a", "b"):
+            put_feature(
+                s3,
+                f"features/{version}/",
+                f"photos/{name}.jpg",
+                etag="e",
+                fingerprint=version[-16:],
+            )
+    return s3
+
+
+def test_collect_from_a_root_of_several_versions_names_them(
+    two_versions: Any, tmp_path: Path
+) -> None:
+    # WHEN bottleneck-collect is given the root THEN one line lists the versions, exit 2, and
+    # nothing is collected
+    err = io.StringIO()
+    options = collect.parse(["s3://feats/features/", "-o", str(tmp_path), "--no-progress"])
+    code = collect.run(options, s3=two_versions, stdout=io.StringIO(), stderr=err)
+    assert code == 2
+    assert err.getvalue() == (
+        "bottleneck-collect: error: s3://feats/features/ holds 2 versions (<model>/<fingerprint>): "
+        f"resnet50.a1_in1k/{FP_A}, test_vit/{FP_B}; collect one, such as "
+        f"s3://feats/features/resnet50.a1_in1k/{FP_A}/\n"
+    )
+    assert not (tmp_path / "features.npy").exists()
+    # WHEN it is given one version's prefix THEN that version is collected
+    version = f"s3://feats/features/test_vit/{FP_B}/"
+    options = collect.parse([version, "-o", str(tmp_path), "--no-progress"])
+    assert collect.run(options, s3=two_versions, stdout=io.StringIO(), stderr=err) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["count"] == 2
+
+
+def test_collect_refuses_a_template_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        collect.parse([TEMPLATE, "-o", "out"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "source holds the placeholder {model}" in err
+    assert "give the root s3://feats/features/ or one version's prefix" in err
+    assert err.count("\n") == 1
