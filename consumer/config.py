@@ -213,12 +213,16 @@ def _check_layout(config: Config, given: Mapping[str, Any]) -> None:
             f"batch (--shard-rows {config.shard_rows} + --batch-size {config.batch_size}): a "
             "shard's images stay in flight until it is written"
         )
-    if limit > SQS_IN_FLIGHT_LIMIT:
-        option = "--max-in-flight" if "max_in_flight" in given else "--shard-rows"
+    if limit > SQS_IN_FLIGHT_LIMIT and "max_in_flight" in given:
         raise ConfigError(
-            f"{option}: with --shard-rows {config.shard_rows} this consumer would hold {limit:,} "
-            f"messages in flight until their shards are written; SQS allows "
-            f"{SQS_IN_FLIGHT_LIMIT:,} per queue, for all consumers together"
+            f"--max-in-flight {limit}: SQS allows {SQS_IN_FLIGHT_LIMIT:,} messages in flight per "
+            "queue, for all consumers together"
+        )
+    if limit > SQS_IN_FLIGHT_LIMIT:
+        raise ConfigError(
+            f"--shard-rows {config.shard_rows}: a shard's messages stay in flight until it is "
+            f"written, {limit:,} with the pipeline's; SQS allows {SQS_IN_FLIGHT_LIMIT:,} per "
+            "queue, for all consumers together"
         )
 
 

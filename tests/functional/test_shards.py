@@ -96,8 +96,8 @@ def test_files_stay_the_default_and_shards_raise_the_cap_by_a_shard() -> None:
         (("--shard-max-seconds", "0"), "--shard-max-seconds: must be above 0"),
         (("--shard-max-seconds", "7200"), "at most 3600"),
         (("--shard-rows", "100", "--max-in-flight", "120"), "--max-in-flight 120: with --layout"),
-        (("--shard-rows", "119900"), "--shard-rows: with --shard-rows 119900"),
-        (("--max-in-flight", "130000"), "--max-in-flight: with --shard-rows 10000"),
+        (("--shard-rows", "119900"), "--shard-rows 119900: a shard's messages stay in flight"),
+        (("--max-in-flight", "130000"), "--max-in-flight 130000: SQS allows 120,000"),
         (("--shard-rows", "0"), "--shard-rows: must be a positive integer"),
     ],
 )
