@@ -14,6 +14,8 @@
 #   SUBNETS, SECURITY_GROUPS      comma-separated ids for the GPU instances (required for deploy)
 #   EXISTING_BUCKET [""]          watch this bucket instead of creating one
 #   INPUT_PREFIX [images/]  OUTPUT_PREFIX [features/]  OUTPUT_BUCKET [""]
+#   OUTPUT_LAYOUT [versioned]     versioned: features under <OUTPUT_PREFIX><model>/<fingerprint>/,
+#                                 a model change writes beside the old ones; flat: directly under it
 #   CAPACITY_TYPE [SPOT]  INSTANCE_TYPES [g6,g5]  MAX_VCPUS [32]  MAX_JOBS [4]
 #   ARTIFACT_BUCKET [<stack>-artifacts-<account>-<region>]   holds the Lambda zip
 #   ECR_REPOSITORY [<stack>-consumer]   IMAGE_TAG [<model>-<git sha>]
@@ -143,6 +145,7 @@ deploy_stack() {
     "InputPrefix=${INPUT_PREFIX:-images/}"
     "OutputBucket=${OUTPUT_BUCKET:-}"
     "OutputPrefix=${OUTPUT_PREFIX:-features/}"
+    "OutputLayout=${OUTPUT_LAYOUT:-versioned}"
     "CapacityType=${CAPACITY_TYPE:-SPOT}"
     "InstanceTypes=${INSTANCE_TYPES:-g6,g5}"
     "MaxvCpus=${MAX_VCPUS:-32}"

@@ -205,7 +205,10 @@ def test_the_buffer_queue_feeds_the_upload_function_in_batches(stack: Stack) -> 
 def test_upload_function_environment_is_accepted_and_never_scales(stack: Stack) -> None:
     settings = Settings.from_env(_lambda_env(stack, "UploadFunctionName"))
     assert settings.queue_url == stack.outputs["WorkQueueUrl"]
+    # The loop guard is the root of the versions; deletes look in every version under it.
     assert str(settings.output) == stack.outputs["OutputLocation"]
+    assert str(settings.feature_output) == stack.outputs["FeatureOutput"]
+    assert settings.feature_output.fields == ("model", "fingerprint")
     assert settings.input_prefix == "images/"
     assert settings.suffixes == DEFAULT_SUFFIXES
     assert settings.scaling is None
@@ -254,7 +257,10 @@ def test_job_definition_command_and_environment_parse_as_consumer_config(stack: 
     config = Config.from_args(argv, environ=env)
     assert config.queue_url == stack.outputs["WorkQueueUrl"]
     assert config.dead_letter_url == stack.outputs["DeadLetterQueueUrl"]
-    assert str(config.output) == stack.outputs["OutputLocation"]
+    # The default layout: <OutputPrefix><model>/<fingerprint>/, filled in by the consumer.
+    assert str(config.output) == stack.outputs["FeatureOutput"]
+    assert str(config.output) == stack.outputs["OutputLocation"] + "{model}/{fingerprint}/"
+    assert str(config.output_template.root) == stack.outputs["OutputLocation"]
     assert config.idle_exit > 0
     assert config.device == "cuda"
     assert config.model == "resnet50"

@@ -282,3 +282,60 @@ def test_the_upload_function_never_scales_and_its_role_cannot(template: dict[str
     scaler = [s for logical, s in _inline_statements(template) if logical == "ProducerRole"]
     sends = [s for s in scaler if "sqs:SendMessage" in _as_list(s["Action"])]
     assert [s["Resource"] for s in sends] == [{"Fn::GetAtt": ["EventDeadLetterQueue", "Arn"]}]
+
+
+def _output_values(template: dict[str, Any]) -> dict[str, Any]:
+    """Every BOTTLENECK_OUTPUT in the template (both functions, the job definition) and the
+    FeatureOutput output, by where they are."""
+    resources = template["Resources"]
+    found = {
+        logical: resources[logical]["Properties"]["Environment"]["Variables"]["BOTTLENECK_OUTPUT"]
+        for logical in ("ProducerFunction", "UploadFunction")
+    }
+    container = resources["JobDefinition"]["Properties"]["ContainerProperties"]
+    (job,) = [e["Value"] for e in container["Environment"] if e["Name"] == "BOTTLENECK_OUTPUT"]
+    found["JobDefinition"] = job
+    found["FeatureOutput"] = template["Outputs"]["FeatureOutput"]["Value"]
+    return found
+
+
+def _resolve(value: Any, layout: str) -> str:
+    """A BOTTLENECK_OUTPUT for one OutputLayout, with the bucket and the prefix left as names."""
+    text, variables = value["Fn::Sub"]
+    condition, versioned, flat = variables["Layout"]["Fn::If"]
+    assert condition == "VersionedOutput"
+    return str(text.replace("${Layout}", versioned if layout == "versioned" else flat))
+
+
+def test_outputs_carry_the_model_and_fingerprint_unless_the_layout_is_flat(
+    template: dict[str, Any],
+) -> None:
+    # GIVEN the OutputLayout parameter: versioned by default, flat as before
+    parameter = template["Parameters"]["OutputLayout"]
+    assert (parameter["Default"], parameter["AllowedValues"]) == (
+        "versioned",
+        ["versioned", "flat"],
+    )
+    assert template["Conditions"]["VersionedOutput"] == {
+        "Fn::Equals": [{"Ref": "OutputLayout"}, "versioned"]
+    }
+    values = _output_values(template)
+    # THEN the consumer, both functions and the stack's output say the same, for each layout:
+    # versioned adds {model}/{fingerprint}/ to the root, flat is exactly OutputPrefix
+    for layout, expected in (
+        ("versioned", "s3://${Bucket}/${OutputPrefix}{model}/{fingerprint}/"),
+        ("flat", "s3://${Bucket}/${OutputPrefix}"),
+    ):
+        assert {where: _resolve(v, layout) for where, v in values.items()} == dict.fromkeys(
+            values, expected
+        )
+    # AND the bucket is chosen the same way everywhere
+    buckets = [json.dumps(v["Fn::Sub"][1]["Bucket"], sort_keys=True) for v in values.values()]
+    assert len(set(buckets)) == 1
+
+
+def test_grants_on_the_output_stay_on_the_root(template: dict[str, Any]) -> None:
+    # Every version lies under OutputPrefix: no grant names a placeholder or the layout.
+    text = json.dumps([statement for _, statement in _inline_statements(template)])
+    assert "${OutputPrefix}*" in text
+    assert "Layout" not in text and "{model}" not in text and "{fingerprint}" not in text
