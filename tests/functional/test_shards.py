@@ -26,6 +26,7 @@ from bottleneck_contract.shards import (
     ShardKey,
     ShardRow,
     decode_index,
+    encode_index,
     newest_rows,
     parse_shard_key,
     shard_keys,
@@ -396,6 +397,26 @@ def test_the_newest_shard_holds_an_images_row() -> None:
     # Later LastModified wins over key order; at a tie the greater key; in a shard the last row.
     assert chosen[("b", "a.jpg", FP)][1].etag == "e2"
     assert chosen[("b", "b.jpg", FP)] == (tie, tie.rows[1])
+
+
+def test_index_lines_round_trip_and_a_damaged_one_is_refused() -> None:
+    rows = [
+        ShardRow(0, "b", "фото/猫 1.jpg", "e", FP, "ab" * 32),
+        ShardRow(1, "b", 'a"b\n.jpg', "f", FP),
+    ]
+    data = encode_index(rows)
+    assert data.count(b"\n") == 2 and "фото/猫 1.jpg".encode() in data  # real keys, UTF-8
+    assert decode_index(data) == rows
+    assert json.loads(data.splitlines()[1]) == {
+        "row": 1,
+        "bucket": "b",
+        "key": 'a"b\n.jpg',
+        "etag": "f",
+        "fingerprint": FP,
+    }
+    for damaged in (data[:-5], data.replace(b'"row":1', b'"row":2'), b"{}\n", b"not json\n"):
+        with pytest.raises(ValueError, match="line"):
+            decode_index(damaged)
 
 
 # ------------------------------------------------------------------------------ end to end
