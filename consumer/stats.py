@@ -62,11 +62,19 @@ class Stats:
         with self._lock:
             elapsed = max(1e-9, time.monotonic() - self.started)
             computed = self.counts["batch_images"]
-            done = self.counts["images_written"] + self.counts["images_replaced"]
+            # Images whose features now exist because of this run: written, replaced, copied
+            # (--dedupe content) or committed in a shard (--layout shards).
+            done = sum(
+                self.counts[f"images_{outcome}"]
+                for outcome in ("written", "replaced", "copied", "sharded")
+            )
             return {
                 "messages": self.counts["messages"],
                 "images_written": self.counts["images_written"],
                 "images_replaced": self.counts["images_replaced"],
+                "images_copied": self.counts["images_copied"],
+                "images_sharded": self.counts["images_sharded"],
+                "images_source_gone": self.counts["images_source-gone"],
                 "images_skipped": self.counts["images_exists"] + self.counts["images_superseded"],
                 "images_failed": sum(self.failed.values()),
                 "failed_by_code": dict(self.failed),
