@@ -31,6 +31,7 @@ from botocore.credentials import ReadOnlyCredentials, RefreshableCredentials
 
 from bottleneck_contract.retry import no_botocore_retries
 from consumer import aws
+from consumer.config import Config
 from consumer.errors import ConfigError, Failure
 from consumer.settle import DeadLetter
 from consumer.sqs import WorkQueue
@@ -638,6 +639,15 @@ def test_no_credentials_is_botocores_error() -> None:
 
 
 # --- the choice -----------------------------------------------------------------------------
+
+
+def test_the_option_defaults_to_auto_and_names_itself_when_wrong() -> None:
+    required = ["--queue-url", "https://sqs.us-east-1.amazonaws.com/1/q", "--output", "s3://feats/"]
+    assert Config.from_args(required, {}).sqs_client == "auto"
+    assert Config.from_args(required, {"BOTTLENECK_SQS_CLIENT": "lean"}).sqs_client == "lean"
+    assert Config.from_args([*required, "--sqs-client", "boto3"], {}).sqs_client == "boto3"
+    with pytest.raises(ConfigError, match="--sqs-client: must be one of auto, lean, boto3"):
+        Config.from_args([*required, "--sqs-client", "botocore"], {})
 
 
 def test_auto_is_lean_for_a_boto3_client_over_http(moto_server: str) -> None:
