@@ -59,6 +59,7 @@ from producer_lambda.settings import (
     parse_count,
     parse_job_name_prefix,
     parse_location,
+    parse_output,
     parse_suffixes,
 )
 
@@ -212,9 +213,20 @@ def _options(args: argparse.Namespace, env: Mapping[str, str]) -> Options:
     if not queue_url and not args.dry_run:
         raise SettingsError("--queue-url (or BOTTLENECK_QUEUE_URL) is required")
     output_uri, output_name = pick("--output", "BOTTLENECK_OUTPUT")
-    output = parse_location(output_uri, output_name) if output_uri else None
+    # The stack's BOTTLENECK_OUTPUT may be a template (.../{model}/{fingerprint}/): its root is
+    # what is never enqueued (every version lies under it).
+    template = parse_output(output_uri, output_name) if output_uri else None
+    output = template.root if template is not None else None
     if args.skip_existing and output is None:
         raise SettingsError("--skip-existing needs --output (or BOTTLENECK_OUTPUT)")
+    if args.skip_existing and template is not None and template.templated:
+        root = template.root
+        raise SettingsError(
+            f"--skip-existing needs one version's prefix "
+            f"(s3://{root.bucket}/{root.prefix}<model>/<fingerprint>/), not the template "
+            f"{output_uri!r}: which images are done depends on the model (bottleneck-status "
+            "lists the versions)"
+        )
     suffixes_text, suffixes_name = pick("--suffixes", "BOTTLENECK_SUFFIXES")
     suffixes = parse_suffixes(suffixes_text, suffixes_name)
     concurrency = parse_count(args.concurrency, "--concurrency", 8, 1)

@@ -9,6 +9,8 @@ from collections import Counter
 
 import pytest
 
+from bottleneck_contract.locations import S3Location
+from bottleneck_tools import enqueue
 from bottleneck_tools.backfill import (
     SKIP_EXISTS,
     Listed,
@@ -274,3 +276,34 @@ def test_fan_in_close_stops_a_task_waiting_for_room() -> None:
     assert next(results) == 0
     assert not fan.close()
     assert stopped.is_set()
+
+
+def test_the_stacks_templated_output_is_read_as_its_root(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # GIVEN the stack's BOTTLENECK_OUTPUT, a template of versions
+    environ = {
+        "BOTTLENECK_QUEUE_URL": "https://sqs/q",
+        "BOTTLENECK_OUTPUT": "s3://bkt/features/{model}/{fingerprint}/",
+    }
+
+    # WHEN enqueue parses it, THEN nothing under the root is ever enqueued
+    options = enqueue.parse(["s3://bkt/"], environ)
+    assert options.output == S3Location("bkt", "features/")
+
+    # AND --skip-existing, which needs one version, says so in one line
+    with pytest.raises(SystemExit) as raised:
+        enqueue.parse(["s3://bkt/", "--skip-existing"], environ)
+    assert raised.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert "one version's prefix" in error and "\n" not in error
+    options = enqueue.parse(
+        [
+            "s3://bkt/",
+            "--skip-existing",
+            "--output",
+            "s3://bkt/features/resnet50/0123456789abcdef/",
+        ],
+        environ,
+    )
+    assert options.output == S3Location("bkt", "features/resnet50/0123456789abcdef/")
