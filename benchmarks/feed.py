@@ -36,6 +36,7 @@ from typing import Any
 from benchmarks.accounting import NATIVE_GROUP, ModelClock
 from benchmarks.costs import cost_table, format_costs, unpriced
 from benchmarks.gil import GilReport, PySpyGil, RunQueueClock, gil_sampler, on_cpu_seconds
+from consumer.sqs_lean import queue_client_name
 
 FEED_MODEL = "test_vit"
 FEED_BATCH = 64
@@ -279,6 +280,7 @@ def _run_window(
             "batch_size": runtime.config.batch_size,
             "decode": runtime.config.decode,
             "s3_client": runtime.objects.name,
+            "sqs_client": queue_client_name(runtime.work_queue.sqs),
             "warm_up_images": warm,
             "outside_model_cpu_ms_per_image_by_stage": dict(sorted(by_thread.items())),
             "gil_ms_per_image": gil_ms,
@@ -308,7 +310,8 @@ def format_feed(row: dict[str, Any]) -> str:
     gil = ", ".join(f"{k} {v}" for k, v in row["gil_ms_per_image_by_thread"].items())
     lines = [
         f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']},"
-        f" decode {row['decode']}, S3 client {row['s3_client']}), {row['images']} 500x375 JPEGs"
+        f" decode {row['decode']}, S3 client {row['s3_client']}, SQS client {row['sqs_client']}),"
+        f" {row['images']} 500x375 JPEGs"
         f" after {row['warm_up_images']} warm-up, SQS+S3 on moto",
         f"feed: {row['images_per_s']} images/s (wall-clock); CPU outside the model "
         f"{row['outside_model_cpu_ms_per_image']} ms/image (CPU time): {stages}",

@@ -50,6 +50,12 @@ def test_cpu_set_runs_every_row_and_writes_json_and_table(
     stages = set(feed["outside_model_cpu_ms_per_image_by_stage"])
     assert stages & {"decode", "child-processes"} and stages & {"fetch", "write", "s3-native"}
     assert feed["s3_client"] in {"obstore", "boto3"}
+    # The consumer's own clients, as in production: the native S3 client and the lean SQS one
+    assert feed["sqs_client"] == "lean"
+    costs = {(r["layout"], r["instance"]): r["fed"] for r in feed["costs_per_million_images"]}
+    assert set(costs) == {(lay, i.name) for lay in ("files", "shards") for i in INSTANCES}
+    # per-image files pay a PUT per image ($5 per million); shards nearly none
+    assert costs[("files", "g6.2xlarge")]["s3"] > 5.0 > 1.0 > costs[("shards", "g6.2xlarge")]["s3"]
     assert feed["gil_method"] in {"py-spy", "probe"}
     assert 0 < feed["gil_on_cpu_ms_per_image"] <= feed["gil_ms_per_image"]
     assert [r["instance"] for r in feed["ceilings"]["rows"]] == [i.name for i in INSTANCES]
