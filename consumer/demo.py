@@ -24,22 +24,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from bottleneck_contract.suffixes import IMAGE_SUFFIXES
+
 IMAGE_BUCKET = "demo-images"
 FEATURE_BUCKET = "demo-features"
 CLASSES = ("circles", "squares", "stripes", "triangles")
-SUFFIXES = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".webp",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".heic",
-    ".heif",
-    ".avif",
-)
+SUFFIXES = IMAGE_SUFFIXES
 
 
 def synthetic_image(kind: str, seed: int, size: tuple[int, int] = (500, 375)) -> bytes:

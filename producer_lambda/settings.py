@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bottleneck_contract.locations import InvalidS3Uri, OutputTemplate, S3Location
+from bottleneck_contract.suffixes import IMAGE_SUFFIXES
 
 __all__ = [
     "DEFAULT_JOB_NAME_PREFIX",
@@ -31,20 +32,7 @@ __all__ = [
     "parse_suffixes",
 ]
 
-DEFAULT_SUFFIXES: tuple[str, ...] = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".webp",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    # Phone photos: HEIC/HEIF (the iPhone's default) and AVIF.
-    ".heic",
-    ".heif",
-    ".avif",
-)
+DEFAULT_SUFFIXES = IMAGE_SUFFIXES
 DEFAULT_MAX_JOBS = 4
 DEFAULT_MESSAGES_PER_JOB = 5000
 DEFAULT_JOB_NAME_PREFIX = "bottleneck"
