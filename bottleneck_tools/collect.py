@@ -66,7 +66,6 @@ import numpy as np
 
 from bottleneck_contract.features import (
     DTYPE,
-    FEATURE_SUFFIX,
     FINGERPRINT,
     MODEL,
     POOL,
@@ -81,14 +80,8 @@ from bottleneck_contract.features import (
     feature_key,
 )
 from bottleneck_contract.locations import InvalidS3Uri, OutputTemplate, S3Location, find_versions
-from bottleneck_contract.shards import (
-    ShardIndex,
-    ShardKey,
-    decode_index,
-    newest_rows,
-    parse_shard_key,
-)
 from bottleneck_tools.cmdline import OneLineParser
+from bottleneck_tools.shard_reader import Listing, ShardReadError, list_prefix, read_shards
 
 __all__ = [
     "CollectError",
@@ -180,33 +173,6 @@ def parse_source(uri: str) -> S3Location:
         raise CollectError(str(exc)) from None
 
 
-@dataclass
-class Listing:
-    """What a prefix holds: per-image feature files, committed shards' indexes, shards' ``.npy``."""
-
-    files: list[str] = field(default_factory=list)  # sorted
-    indexes: dict[str, tuple[ShardKey, Any]] = field(default_factory=dict)  # key: LastModified
-    shard_npys: set[str] = field(default_factory=set)
-
-
-def list_prefix(s3: Any, bucket: str, prefix: str) -> Listing:
-    """One listing of ``prefix``, sorted into per-image feature files and shard objects."""
-    listing = Listing()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            shard = parse_shard_key(prefix, key)
-            if shard is None:
-                if key.endswith(FEATURE_SUFFIX):
-                    listing.files.append(key)
-            elif shard.is_index:
-                listing.indexes[key] = (shard, obj["LastModified"])
-            else:
-                listing.shard_npys.add(key)
-    listing.files.sort()
-    return listing
-
-
 def list_feature_keys(s3: Any, bucket: str, prefix: str) -> list[str]:
     """Every per-image ``.npy`` key under ``prefix`` (shards' are not), sorted (code point
     order = S3's UTF-8 byte order)."""
@@ -240,29 +206,13 @@ def _shard_items(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]]]:
     """The newest row of each image in the committed shards, but for feature keys ``taken`` by
     per-image files; and each shard's metadata by its ``.npy`` key."""
-    metas: dict[str, dict[str, str]] = {}
-
-    def read(key: str) -> ShardIndex:
-        shard, modified = listing.indexes[key]
-        if shard.npy_key not in listing.shard_npys:
-            raise CollectError(f"s3://{bucket}/{key}: a shard index without its .npy (damaged)")
-        response = s3.get_object(Bucket=bucket, Key=key)
-        body = response["Body"]
-        try:
-            data = body.read()
-        finally:
-            body.close()
-        try:
-            rows = decode_index(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CollectError(f"s3://{bucket}/{key}: not a shard index: {exc}") from None
-        metas[shard.npy_key] = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
-        return ShardIndex(shard, modified, tuple(rows))
-
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="collect") as pool:
-        indexes = list(pool.map(read, sorted(listing.indexes)))
+    try:
+        shards = read_shards(s3, bucket, listing, concurrency)
+    except ShardReadError as exc:
+        raise CollectError(str(exc)) from None
     items: list[dict[str, Any]] = []
-    for index, row in newest_rows(indexes).values():
+    # The newest row of each image, less those a tombstone buries (a deleted image).
+    for index, row in shards.rows.values():
         key = feature_key(prefix, row.key)
         if key in taken:
             continue
@@ -276,7 +226,7 @@ def _shard_items(
         items.append(
             {"shard": index.key.npy_key, "row": row.row, "rows": len(index.rows), "entry": entry}
         )
-    return items, metas
+    return items, shards.metas
 
 
 def _order(item: Item) -> tuple[str, str, str]:
@@ -847,9 +797,11 @@ def run(
                 f"{versions.found[0]}\n"
             )
             return EXIT_USAGE
+        # A root of one version is that version: its shards' keys are read relative to it.
+        source = str(versions.found[0]) if versions.found else options.source
         result = collect(
             s3,
-            options.source,
+            source,
             options.output,
             allow_mixed=options.allow_mixed,
             concurrency=options.concurrency,
