@@ -14,7 +14,19 @@ Four kinds of finding:
 * ``stale-fingerprint``: a feature file whose ``fingerprint`` differs from ``--fingerprint``, or,
   without that flag, from the fingerprint most feature files under the prefix carry (the model
   settings changed for part of the set); a file can be both stale kinds at once;
-* ``orphan``: a feature file whose image is gone.
+* ``orphan``: a feature file whose image is gone;
+* ``orphan-row``: a shard row whose image is gone (see Shards below).
+
+Shards (``bottleneck-consumer --layout shards``, :mod:`bottleneck_contract.shards`): the output's
+``shards/`` folder is listed once and every committed index and tombstone object read (one GET
+each, no HEAD: an index names each row's ETag and fingerprint), and the rows a reader takes
+(the newest per image, less those a tombstone buries) held in memory. An image is current when
+its row for the expected fingerprint has its current ETag; ``stale-etag`` when that row has
+another; ``stale-fingerprint`` when it has rows of other fingerprints only; ``missing`` when it
+has none. With per-image files too, an image current in either layout is current. Without
+``--fingerprint``, the expected fingerprint is then the one most images' rows carry (files are
+held to it as well). Shard objects, tombstones and ``_bottleneck/`` are never taken for feature
+files. A stale finding for a row names ``<shard .npy key>#<row>`` as its feature key.
 
 How: the image prefix and the matching part of the output prefix are listed side by side and
 merge-joined (the same sorted-stream join as ``bottleneck-enqueue --skip-existing``, see
@@ -28,9 +40,10 @@ known only at the end: feature files are then set aside per fingerprint in tempo
 Without ``--fix`` this tool only reads. ``--fix`` hands each finding, as it streams by, to
 :mod:`bottleneck_tools.reconcile_fix`: ``missing`` and stale images go to the work queue
 (``--queue-url`` or ``BOTTLENECK_QUEUE_URL``) with the messages ``bottleneck-enqueue`` sends, and
-``orphan`` files are deleted once a HEAD confirms them; ``--dry-run`` changes nothing and prints
-what it would do. That module says how, and what is left in place; this one classifies, parses
-the command line, prints the report and chooses the exit status.
+``orphan`` files are deleted once a HEAD confirms them (an ``orphan-row`` cannot be: rows are
+immutable, so a tombstone buries it, once a HEAD of the image answers 404); ``--dry-run``
+changes nothing and prints what it would do. That module says how, and what is left in place;
+this one classifies, parses the command line, prints the report and chooses the exit status.
 
 Versions: an ``--output`` that is a root of versions (the stack's ``s3://b/features/``, or its
 template ``s3://b/features/{model}/{fingerprint}/``; see
@@ -82,8 +95,10 @@ from bottleneck_contract.locations import (
     Versions,
     find_versions,
 )
+from bottleneck_contract.shards import TOMBSTONES, ShardIndex, ShardRow, is_shard_key
 from bottleneck_tools.backfill import Listed, in_feature_order, list_objects
 from bottleneck_tools.cmdline import OneLineParser, Progress, flag_or_env
+from bottleneck_tools.shard_reader import ShardReadError, list_shards, read_shards
 from producer_lambda.backoff import error_code
 from producer_lambda.filters import KeyFilter
 from producer_lambda.settings import (
@@ -102,13 +117,16 @@ if TYPE_CHECKING:
     from bottleneck_tools.reconcile_fix import FixReport
 
 __all__ = [
+    "ALL_KINDS",
     "KINDS",
     "NOT_FOUND",
+    "ORPHAN_ROW",
     "Finding",
     "Pair",
     "Report",
     "head_object",
     "judge",
+    "judge_rows",
     "main",
     "merge_join",
     "ordered_map",
@@ -126,6 +144,11 @@ STALE_ETAG = "stale-etag"
 STALE_FINGERPRINT = "stale-fingerprint"
 ORPHAN = "orphan"
 KINDS = (MISSING, STALE_ETAG, STALE_FINGERPRINT, ORPHAN)
+# Not in KINDS (whose counts the summary's "findings" holds, unchanged): counted apart.
+ORPHAN_ROW = "orphan-row"
+ALL_KINDS = (*KINDS, ORPHAN_ROW)
+# The consumer's own objects beside its feature files: never a feature file or an orphan.
+_CONSUMER_FOLDERS = ("_bottleneck/", TOMBSTONES)
 NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _SPOOL_BYTES = 1 << 20
 
@@ -147,6 +170,7 @@ class Finding:
     image: Listed | None = None
     feature: Listed | None = None
     repeat: bool = False
+    source_bucket: str = ""  # orphan-row: the gone image's bucket
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -181,6 +205,8 @@ class Report:
     heads: bool = True
     interrupted: bool = False
     error: str | None = None
+    shards: int = 0  # committed shards under the output
+    rows: int = 0  # their rows of this source's images (newest, not buried)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready dict of the counts."""
@@ -194,6 +220,9 @@ class Report:
             "expected_fingerprint": self.expected_fingerprint,
             "expected_is_majority": self.majority,
             "heads": self.heads,
+            "shards": self.shards,
+            "shard_rows": self.rows,
+            "orphan_rows": self.counts.get(ORPHAN_ROW, 0),
             "interrupted": self.interrupted,
             "error": self.error,
         }
@@ -255,6 +284,40 @@ def judge(
             )
         )
     return findings
+
+
+# An image's rows: fingerprint -> (its shard, the row).
+ImageRows = Mapping[str, tuple[ShardIndex, ShardRow]]
+
+
+def row_name(index: ShardIndex, row: ShardRow) -> str:
+    """How a finding names a shard row: ``<shard .npy key>#<row>``."""
+    return f"{index.key.npy_key}#{row.row}"
+
+
+def judge_rows(image: Listed, rows: ImageRows, expected: str | None) -> list[Finding] | None:
+    """The stale findings for an image's shard rows: ``None`` when a row is current (its ETag,
+    and the expected fingerprint unless ``expected`` is ``None``), ``[]`` when it has no row."""
+    current = (image.etag or "").strip('"')
+    if expected is None:
+        matching = [pair for pair in rows.values() if pair[1].etag == current]
+        if matching or not rows:
+            return None if matching else []
+        index, row = next(iter(rows.values()))
+        detail = f"source-etag {row.etag or '-'} != {current}"
+        return [Finding(STALE_ETAG, image.key, row_name(index, row), detail, image=image)]
+    if expected in rows:
+        index, row = rows[expected]
+        if row.etag == current:
+            return None
+        detail = f"source-etag {row.etag or '-'} != {current}"
+        return [Finding(STALE_ETAG, image.key, row_name(index, row), detail, image=image)]
+    if not rows:
+        return []
+    found = sorted(rows)
+    index, row = rows[found[0]]
+    detail = f"fingerprint {', '.join(found)} != {expected}"
+    return [Finding(STALE_FINGERPRINT, image.key, row_name(index, row), detail, image=image)]
 
 
 def ordered_map(
@@ -340,12 +403,32 @@ def reconcile(
 
     def features() -> Iterator[Listed]:
         for obj in list_objects(s3, output.bucket, output.prefix + source.prefix):
+            if _consumers_own(output.prefix, obj.key):
+                continue  # a shard, a tombstone, a marker: no image's feature file
             report.features += obj.key.endswith(FEATURE_SUFFIX)
             yield obj
 
     def head(pair: Pair) -> dict[str, str] | None:
         assert pair.feature is not None
         return _head_metadata(s3, output.bucket, pair.feature.key)
+
+    by_image = _shard_rows(s3, source, output, concurrency, report)
+    if by_image and heads and fingerprint is None:
+        # Rows name their fingerprint: the majority is known before the join, and files are
+        # held to it too (one expected fingerprint for the image, whichever layout has it).
+        spread = Counter(fp for rows in by_image.values() for fp in rows)
+        top = max(spread.values())
+        fingerprint = min(fp for fp, n in spread.items() if n == top)
+        report.expected_fingerprint = fingerprint
+        report.majority = True
+    seen: set[str] = set()  # images listed that have rows: the other rows are orphans
+
+    def rows_of(image: Listed) -> ImageRows:
+        rows = by_image.get(image.key)
+        if rows is None:
+            return {}
+        seen.add(image.key)
+        return rows
 
     spools: dict[str, IO[str]] = {}
     try:
@@ -358,8 +441,14 @@ def reconcile(
         ):
             if pair.feature is None:
                 assert pair.image is not None
+                rows = rows_of(pair.image)
                 if accept.reason(source.bucket, pair.image.key, pair.image.size) is None:
-                    yield _count(report, Finding(MISSING, pair.image.key, image=pair.image))
+                    verdict = judge_rows(pair.image, rows, fingerprint if heads else None)
+                    if not rows:
+                        yield _count(report, Finding(MISSING, pair.image.key, image=pair.image))
+                    elif heads and verdict:
+                        for finding in verdict:
+                            yield _count(report, finding)
                 continue
             if pair.image is None:
                 name = source_key_of(output.prefix, pair.feature.key) or pair.feature.key
@@ -368,6 +457,7 @@ def reconcile(
                 )
                 yield _count(report, orphan)
                 continue
+            rows = rows_of(pair.image)
             if not heads:
                 continue
             if metadata is None:
@@ -377,6 +467,8 @@ def reconcile(
             found = metadata.get(FINGERPRINT, "")
             report.fingerprints[found] += 1
             stale = judge(pair.image, pair.feature.key, metadata, fingerprint)
+            if stale and rows and judge_rows(pair.image, rows, fingerprint) is None:
+                stale = []  # a current row stands for the image
             for finding in stale:
                 yield _count(report, finding)
             if fingerprint is None:
@@ -410,9 +502,50 @@ def reconcile(
                         repeat=repeat,
                     )
                     yield _count(report, finding)
+        for key in sorted(by_image.keys() - seen):
+            # Rows are immutable: --fix buries them with a tombstone once the image is gone.
+            index, shard_row = next(iter(by_image[key].values()))
+            orphan = Finding(
+                ORPHAN_ROW,
+                key,
+                row_name(index, shard_row),
+                "image is gone; its row stays in the shard",
+                source_bucket=source.bucket,
+            )
+            yield _count(report, orphan)
     finally:
         for spool in spools.values():
             spool.close()
+
+
+def _consumers_own(prefix: str, key: str) -> bool:
+    """Whether ``key`` is one of the consumer's own objects under output ``prefix``."""
+    return is_shard_key(prefix, key) or key[len(prefix) :].startswith(_CONSUMER_FOLDERS)
+
+
+def _shard_rows(
+    s3: S3Client, source: S3Location, output: S3Location, concurrency: int, report: Report
+) -> dict[str, dict[str, tuple[ShardIndex, ShardRow]]]:
+    """The rows of ``source``'s images in ``output``'s shards (newest, not buried), by image key
+    then fingerprint; empty (one listing) without shards. A damaged shard is an error."""
+    listing = list_shards(s3, output.bucket, output.prefix)
+    if not listing.indexes:
+        return {}
+    try:
+        shards = read_shards(s3, output.bucket, listing, concurrency, strict=False)
+    except ShardReadError as exc:
+        raise ShardsUnreadable(str(exc)) from None
+    report.shards = len(shards.indexes)
+    by_image: dict[str, dict[str, tuple[ShardIndex, ShardRow]]] = {}
+    for (bucket, key, fp), pair in shards.rows.items():
+        if bucket == source.bucket and key.startswith(source.prefix):
+            by_image.setdefault(key, {})[fp] = pair
+            report.rows += 1
+    return by_image
+
+
+class ShardsUnreadable(Exception):
+    """A damaged shard index or tombstone object under the output, in one line."""
 
 
 def _spool() -> IO[str]:
@@ -642,7 +775,7 @@ def run(
             sleep=sleep,
         )
     report = Report()
-    shown: dict[str, list[Finding]] = {kind: [] for kind in KINDS}
+    shown: dict[str, list[Finding]] = {kind: [] for kind in ALL_KINDS}
     findings = reconcile(
         s3,
         options.source,
@@ -672,6 +805,8 @@ def run(
         report.interrupted = True
     except (ClientError, BotoCoreError) as exc:
         report.error = f"{error_code(exc)}: {exc}"
+    except ShardsUnreadable as exc:
+        report.error = str(exc)
     finally:
         # A stopped run (Ctrl-C, a listing error) cancels the work not yet started and waits for
         # the requests in flight, so that the report says exactly what was done.
@@ -777,7 +912,7 @@ class VersionReport:
             f"{accepted:,} images {what}{percent}"
         )
         counts = [
-            f"{kind} {self.report.counts[kind]:,}" for kind in KINDS if self.report.counts[kind]
+            f"{kind} {self.report.counts[kind]:,}" for kind in ALL_KINDS if self.report.counts[kind]
         ]
         return text + (f": {', '.join(counts)}" if counts else "")
 
@@ -801,7 +936,7 @@ def run_versions(
     )
     for version in versions.found:
         label = versions.label(version)
-        result = VersionReport(label, version, Report(), {kind: [] for kind in KINDS})
+        result = VersionReport(label, version, Report(), {kind: [] for kind in ALL_KINDS})
         done.append(result)
         findings = reconcile(
             s3,
@@ -829,6 +964,9 @@ def run_versions(
             stopped = ("interrupted", "the counts cover only what was listed")
         except (ClientError, BotoCoreError) as exc:
             result.report.error = f"{error_code(exc)}: {exc}"
+            stopped = ("error", result.report.error)
+        except ShardsUnreadable as exc:
+            result.report.error = str(exc)
             stopped = ("error", result.report.error)
         if stopped:
             break
@@ -885,20 +1023,29 @@ def render_text(
         f"{options.source} -> {options.output}: {report.images:,} objects, "
         f"{report.features:,} feature files{checked}"
     ]
+    if report.shards:
+        lines.append(
+            f"  shards: {report.shards:,} committed, {report.rows:,} rows of these images "
+            "(newest per image, less tombstoned)"
+        )
     if report.expected_fingerprint is not None:
         how = "majority of files" if report.majority else expected_from or "--fingerprint"
         lines.append(f"  expected fingerprint {report.expected_fingerprint} ({how})")
     if len(report.fingerprints) > 1:
         spread = ", ".join(f"{fp or '-'} {n:,}" for fp, n in report.fingerprints.most_common())
         lines.append(f"  fingerprints seen: {spread}")
-    for kind in KINDS:
+    for kind in ALL_KINDS:
         if not options.heads and kind in (STALE_ETAG, STALE_FINGERPRINT):
+            continue
+        if kind == ORPHAN_ROW and not report.shards:
             continue
         count = report.counts.get(kind, 0)
         lines.append(f"  {kind:<18} {count:,}")
         for finding in shown.get(kind, ()):
-            detail = f"  ({finding.detail})" if finding.detail and kind != ORPHAN else ""
-            lines.append(f"      {finding.feature_key if kind == ORPHAN else finding.key}{detail}")
+            plain = kind in (ORPHAN, ORPHAN_ROW)
+            detail = f"  ({finding.detail})" if finding.detail and not plain else ""
+            named = finding.feature_key if kind in (ORPHAN, ORPHAN_ROW) else finding.key
+            lines.append(f"      {named}{detail}")
         if count > len(shown.get(kind, ())):
             lines.append(
                 f"      ... and {count - len(shown.get(kind, ())):,} more (--json lists all)"

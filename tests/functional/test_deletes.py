@@ -38,6 +38,7 @@ FEATS = "feats"
 OUTPUT = S3Location(FEATS, "resnet50/")
 NO_DELETES = {
     "deleted": 0,
+    "tombstoned": 0,
     "source-exists": 0,
     "already-gone": 0,
     "features-changed": 0,
@@ -210,11 +211,12 @@ def test_a_delete_of_an_image_that_never_had_features_is_a_no_op(
     s3_calls.clear()
     # WHEN its delete event is handled
     summary = handle(sqs_event(deleted("uploads/never.jpg")), settings, sqs=sqs, s3=s3, batch=None)
-    # THEN one look at the feature file settles it: nothing deleted, nothing enqueued, and no
-    # delete marker left behind in the versioned bucket
+    # THEN one look at the feature file settles it (and one listing, per invocation, says the
+    # output holds no shards): nothing deleted, nothing enqueued, and no delete marker left
+    # behind in the versioned bucket
     assert summary["deletes"] == NO_DELETES | {"already-gone": 1}
     assert (summary["enqueued"], summary["batchItemFailures"]) == (0, [])
-    assert s3_calls == Counter({"HeadObject": 1})
+    assert s3_calls == Counter({"HeadObject": 1, "ListObjectsV2": 1})
     assert queued(sqs, queue_url) == []
     assert "DeleteMarkers" not in s3.list_object_versions(Bucket=FEATS)
 
@@ -514,10 +516,10 @@ def test_an_upload_then_a_delete_removes_the_file_of_every_version(
     assert not any(in_version(s3, v, key) for v in VERSIONS for key in keys)
     assert in_version(s3, ROOT, "uploads/a.jpg")
     # AND the versions were listed once for the batch: the root, then each folder in it (two
-    # models and the leftover uploads/); per image a HEAD per version, one HEAD of the image,
-    # a DELETE per file
+    # models and the leftover uploads/), and each version's shards/ once (none there); per image
+    # a HEAD per version, one HEAD of the image, a DELETE per file
     assert calls == Counter(
-        {"ListObjectsV2": 1 + 3, "HeadObject": 3 * (2 + 1), "DeleteObject": 3 * 2}
+        {"ListObjectsV2": 1 + 3 + 2, "HeadObject": 3 * (2 + 1), "DeleteObject": 3 * 2}
     )
 
 
