@@ -13,6 +13,12 @@ they stream by, and account for every one.
   listing (rewritten for a re-uploaded image), is gone already, or names another
   ``source-bucket`` than the source's is left in place and counted: a mistyped source bucket
   with the right prefix would otherwise make every feature file an orphan.
+* ``orphan-row`` shard rows cannot be deleted (a shard is immutable, and deleting it would take
+  every other row with it): each gone image is HEADed (the time taken first), and those that
+  answer 404 get a tombstone line, all in one create-only object under
+  ``<output>shards/tombstones/`` written at the end (the delete handler's own
+  :func:`producer_lambda.removals.put_tombstones`). An image that answers 200 is left alone
+  (``image-exists``).
 
 Deletes run on a worker thread and sends on ``--concurrency`` threads, never on the main one, so
 Ctrl-C stops the listing, cancels what has not started, lets the requests in flight finish and
@@ -36,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -44,10 +51,19 @@ from bottleneck_contract.features import SOURCE_BUCKET
 from bottleneck_contract.locations import S3Location
 from bottleneck_contract.messages import encode
 from bottleneck_contract.retry import Backoff
+from bottleneck_contract.shards import Tombstone
 from bottleneck_tools.backfill import BoundedPool, Listed, MessageSender, image_ref
-from bottleneck_tools.reconcile import MISSING, NOT_FOUND, ORPHAN, Finding, head_object
+from bottleneck_tools.reconcile import (
+    MISSING,
+    NOT_FOUND,
+    ORPHAN,
+    ORPHAN_ROW,
+    Finding,
+    head_object,
+)
 from producer_lambda.backoff import THROTTLING_CODES, error_code
 from producer_lambda.enqueue import BatchOutcome
+from producer_lambda.removals import put_tombstones
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -68,7 +84,7 @@ __all__ = [
 ]
 
 STALE = "stale"  # either stale kind, as --fix counts its sends
-FIX_GROUPS = (ORPHAN, MISSING, STALE)
+FIX_GROUPS = (ORPHAN, MISSING, STALE, ORPHAN_ROW)
 DELETE_BATCH = 1000  # DeleteObjects' limit
 DELETE_BACKOFF = Backoff(attempts=4, base=0.1, cap=2.0)
 # Per-key DeleteObjects errors that a later try can get past. botocore never sees them (the call
@@ -121,7 +137,7 @@ def fix_group(finding: Finding) -> str | None:
     (send the image), or ``None`` for an image already acted on under another kind."""
     if finding.repeat:
         return None
-    if finding.kind in (ORPHAN, MISSING):
+    if finding.kind in (ORPHAN, MISSING, ORPHAN_ROW):
         return finding.kind
     return STALE
 
@@ -339,10 +355,17 @@ class FixReport:
     failed: Counter[str] = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
     failures_left_out: int = 0
+    tombstoned: int = 0  # orphan rows buried (in a dry run: to be)
+    rows_kept: int = 0  # orphan rows whose image exists again
 
     def not_done(self, group: str) -> int:
         """Acted on but neither done nor failed: cancelled or never handed over by a stop."""
-        done = self.deleted + self.kept.total() if group == ORPHAN else self.enqueued[group]
+        if group == ORPHAN:
+            done = self.deleted + self.kept.total()
+        elif group == ORPHAN_ROW:
+            done = self.tombstoned + self.rows_kept
+        else:
+            done = self.enqueued[group]
         return self.planned[group] - done - self.failed[group]
 
     @property
@@ -371,6 +394,13 @@ class FixReport:
                 "not_done": self.not_done(ORPHAN),
             },
             **sent,
+            ORPHAN_ROW: {
+                "found": self.planned[ORPHAN_ROW],
+                "tombstoned": self.tombstoned,
+                "kept": {"image-exists": self.rows_kept},
+                "failed": self.failed[ORPHAN_ROW],
+                "not_done": self.not_done(ORPHAN_ROW),
+            },
             "complete": self.complete,
             "failures": [failure.line() for failure in self.failures],
             "failures_left_out": self.failures_left_out,
@@ -401,6 +431,9 @@ class Fixer:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.report = FixReport(dry_run=dry_run)
+        self._s3 = s3
+        self._concurrency = concurrency
+        self._rows: list[Finding] = []  # orphan rows: buried together at flush()
         self._source = source
         self._output = output
         self._on_done = on_done
@@ -435,6 +468,9 @@ class Fixer:
             assert finding.feature is not None
             self._deleter.add(finding.feature)
             return
+        if group == ORPHAN_ROW:
+            self._rows.append(finding)
+            return
         assert finding.image is not None
         ref = image_ref(self._source.bucket, finding.image)
         if self._sender is not None:
@@ -449,6 +485,53 @@ class Fixer:
         self._deleter.flush()
         if self._sender is not None:
             self._sender.flush()
+        self._bury()
+
+    def _bury(self) -> None:
+        """HEAD each orphan row's image and write the gone ones' tombstones in one object."""
+        rows, self._rows = self._rows, []
+        if not rows:
+            return
+
+        def gone(finding: Finding) -> Tombstone | BaseException | None:
+            # The time first: a re-upload after a 404 is computed, and committed, after it.
+            at = datetime.now(UTC)
+            try:
+                found = head_object(self._s3, finding.source_bucket, finding.key)
+            except (ClientError, BotoCoreError) as exc:
+                return exc
+            return None if found is not None else Tombstone(finding.source_bucket, finding.key, at)
+
+        with ThreadPoolExecutor(max_workers=self._concurrency) as pool:
+            results = list(pool.map(gone, rows))
+        buried: list[Tombstone] = []
+        for finding, result in zip(rows, results, strict=True):
+            uri = f"s3://{finding.source_bucket}/{finding.key}"
+            if isinstance(result, BaseException):
+                self.report.failed[ORPHAN_ROW] += 1
+                self._record([Failure("tombstone", uri, error_code(result), str(result))])
+            elif result is None:
+                self.report.rows_kept += 1
+            else:
+                buried.append(result)
+        if self.report.dry_run:
+            self.report.tombstoned += len(buried)
+            for tombstone in buried:
+                if self._on_plan is not None:
+                    self._on_plan("tombstone", f"s3://{tombstone.bucket}/{tombstone.key}")
+            return
+        if not buried:
+            return
+        try:
+            put_tombstones(self._s3, self._output, buried, datetime.now(UTC))
+        except (ClientError, BotoCoreError) as exc:
+            self.report.failed[ORPHAN_ROW] += len(buried)
+            where = f"s3://{self._output.bucket}/{self._output.prefix}shards/tombstones/"
+            self._record([Failure("tombstone", where, error_code(exc), str(exc))])
+            return
+        self.report.tombstoned += len(buried)
+        if self._on_done is not None:
+            self._on_done(len(buried))
 
     def finish(self, *, stop: bool) -> bool:
         """Wait for the work handed over (``stop``: only what is running); True if a Ctrl-C
@@ -509,15 +592,21 @@ def render_fix(fixed: FixReport) -> str:
         parts = [f"dry run: would delete {deleted}, enqueue {enqueued}"]
     else:
         parts = [f"deleted {deleted}, enqueued {enqueued}"]
+    if fixed.planned[ORPHAN_ROW]:
+        verb = "would bury" if fixed.dry_run else "buried"
+        parts.append(f"{verb} {fixed.tombstoned:,} orphan rows (tombstones)")
+        if fixed.rows_kept:
+            parts.append(f"left {fixed.rows_kept:,} rows whose image exists again")
     if fixed.kept:
         why = ", ".join(f"{n:,} {KEPT_REASONS[r]}" for r, n in sorted(fixed.kept.items()))
         parts.append(f"left {fixed.kept.total():,} orphans in place ({why})")
-    failed_deletes = fixed.failed[ORPHAN]
+    failed_deletes = fixed.failed[ORPHAN] + fixed.failed[ORPHAN_ROW]
     failed_sends = fixed.failed[MISSING] + fixed.failed[STALE]
     if failed_deletes or failed_sends:
         parts.append(f"failed {failed_deletes:,} deletes + {failed_sends:,} sends")
     not_done = {group: fixed.not_done(group) for group in FIX_GROUPS}
     if any(not_done.values()):
         sends = not_done[MISSING] + not_done[STALE]
-        parts.append(f"not done {not_done[ORPHAN]:,} deletes + {sends:,} sends")
+        deletes = not_done[ORPHAN] + not_done[ORPHAN_ROW]
+        parts.append(f"not done {deletes:,} deletes + {sends:,} sends")
     return "; ".join(parts)

@@ -113,12 +113,21 @@ class Shards:
 
 
 def read_shards(
-    s3: Any, bucket: str, listing: Listing, concurrency: int = 16, *, strict: bool = True
+    s3: Any,
+    bucket: str,
+    listing: Listing,
+    concurrency: int = 16,
+    *,
+    strict: bool = True,
+    cache: dict[str, Any] | None = None,
 ) -> Shards:
     """GET every committed index and every tombstone object of ``listing``, ``concurrency`` at a
     time; a damaged one is a :class:`ShardReadError`. ``strict``: an index without its
-    ``.npy`` is damaged too (collect needs the rows; a count does not)."""
+    ``.npy`` is damaged too (collect needs the rows; a count does not). ``cache`` (by key) keeps
+    what was read for the next call: both kinds of object are immutable (create-only)."""
     shards = Shards()
+    if cache is not None:
+        return _cached(s3, bucket, listing, concurrency, strict, cache)
 
     def index(key: str) -> ShardIndex:
         shard, modified = listing.indexes[key]
@@ -142,5 +151,32 @@ def read_shards(
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="shards") as pool:
         shards.indexes = list(pool.map(index, sorted(listing.indexes)))
         shards.tombstones = [t for ts in pool.map(tombstones, listing.tombstones) for t in ts]
+    shards.rows = live_rows(shards.indexes, shards.tombstones)
+    return shards
+
+
+def _cached(
+    s3: Any, bucket: str, listing: Listing, concurrency: int, strict: bool, cache: dict[str, Any]
+) -> Shards:
+    """:func:`read_shards` for the objects not in ``cache`` yet; the rest from it."""
+    fresh = Listing(
+        indexes={k: v for k, v in listing.indexes.items() if k not in cache},
+        shard_npys=listing.shard_npys,
+    )
+    for index in read_shards(s3, bucket, fresh, concurrency, strict=strict).indexes:
+        cache[index.key.index_key] = index
+    for key in listing.tombstones:
+        if key not in cache:
+            data, _ = _get(s3, bucket, key)
+            try:
+                cache[key] = decode_tombstones(data)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ShardReadError(
+                    f"s3://{bucket}/{key}: not a tombstone object: {exc}"
+                ) from None
+    shards = Shards(
+        indexes=[cache[key] for key in sorted(listing.indexes)],
+        tombstones=[t for key in listing.tombstones for t in cache[key]],
+    )
     shards.rows = live_rows(shards.indexes, shards.tombstones)
     return shards

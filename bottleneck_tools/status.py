@@ -21,6 +21,12 @@ Costs and side effects, so that nobody is surprised:
   that never cleared) carries no ``error-code``; it is counted as ``retries-exhausted``.
 * Counting feature files lists the output prefix: one ListObjectsV2 call per 1,000 files, every
   refresh. ``--no-features`` skips it (the rate then comes from the backlog alone).
+* Shards (``bottleneck-consumer --layout shards``): the same listing finds the output's
+  committed shards (their indexes); per fingerprint the view counts them, their rows (repeats of
+  at-least-once delivery included) and the images they hold (newest row each, less those a
+  tombstone buries), from one GET per index and tombstone object, each read once per run
+  (they are immutable). ``--json``: ``"shards": {<version label, or "">: {<fingerprint>:
+  {"shards", "rows", "images"}}}``. Shard objects are never counted as feature files.
 * Versions: an output that is a root of versions (``--output s3://b/features/``, or the
   template ``s3://b/features/{model}/{fingerprint}/``) gets one count per ``<model>/<fingerprint>``
   folder, found each refresh by :func:`~bottleneck_contract.locations.find_versions` (a listing
@@ -42,7 +48,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, TextIO
@@ -53,8 +59,9 @@ from bottleneck_contract.features import FEATURE_SUFFIX
 from bottleneck_contract.locations import OutputTemplate, S3Location, find_versions
 from bottleneck_contract.queues import redrive_target
 from bottleneck_contract.retry import no_botocore_retries
-from bottleneck_tools.backfill import list_objects
+from bottleneck_contract.shards import is_tombstone_key, parse_shard_key
 from bottleneck_tools.cmdline import OneLineParser, parse_validated
+from bottleneck_tools.shard_reader import Listing, ShardReadError, read_shards
 from producer_lambda.backoff import call_with_backoff, error_code, is_transient
 from producer_lambda.scaler import BATCH_BACKOFF, Backlog, list_active_jobs, read_backlog
 from producer_lambda.settings import (
@@ -137,6 +144,21 @@ class Sample:
     # (not counted); None for one concrete prefix.
     versions: Mapping[str, int] | None = None
     other_folders: tuple[str, ...] = ()
+    # Shards (--layout shards) per version label ("" for one concrete prefix), then fingerprint.
+    shards: Mapping[str, Mapping[str, ShardCount]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCount:
+    """One fingerprint's shards under one prefix: committed shards, their rows (repeats
+    included), and the images they hold (one row each: newest, less tombstoned)."""
+
+    shards: int = 0
+    rows: int = 0
+    images: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"shards": self.shards, "rows": self.rows, "images": self.images}
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +257,11 @@ def to_json(sample: Sample, rate: Estimate | None) -> dict[str, Any]:
         "features": sample.features,
         "rate": None,
     }
+    if sample.shards is not None:
+        doc["shards"] = {
+            label: {fp: count.to_json() for fp, count in by_fp.items()}
+            for label, by_fp in sample.shards.items()
+        }
     if sample.versions is not None:
         doc["versions"] = dict(sample.versions)
         doc["other_folders"] = list(sample.other_folders)
@@ -282,6 +309,13 @@ def render_text(sample: Sample, rate: Estimate | None, options: Options) -> str:
         lines.append(f"  batch jobs    {jobs}  [{options.job_queue}]")
     if sample.features is not None:
         lines.extend(_features_lines(sample, options))
+    for label, by_fp in (sample.shards or {}).items():
+        for fp, count in by_fp.items():
+            where = f"{label}: " if label else ""
+            lines.append(
+                f"  shards        {where}{fp} {count.shards:,} committed, {count.rows:,} rows, "
+                f"{count.images:,} images (newest row each, less tombstoned)"
+            )
     if rate is None:
         lines.append("  rate          - (needs two samples: --interval or --watch)")
     else:
@@ -412,12 +446,44 @@ def count_jobs(
 
 
 def count_features(s3: S3Client, output: S3Location) -> int:
-    """How many ``.npy`` files lie under ``output`` (one ListObjectsV2 call per 1,000 objects)."""
-    return sum(
-        1
-        for obj in list_objects(s3, output.bucket, output.prefix)
-        if obj.key.endswith(FEATURE_SUFFIX)
-    )
+    """How many per-image ``.npy`` files lie under ``output`` (one ListObjectsV2 call per 1,000
+    objects); shards' objects are not feature files."""
+    return count_output(s3, output)[0]
+
+
+def count_output(
+    s3: S3Client, output: S3Location, cache: dict[str, Any] | None = None
+) -> tuple[int, dict[str, ShardCount]]:
+    """Per-image feature files under ``output``, and its shards per fingerprint: one listing,
+    then one GET per committed index and tombstone object not in ``cache`` (immutable objects:
+    ``--watch`` reads each once)."""
+    files = 0
+    listing = Listing()
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=output.bucket, Prefix=output.prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            shard = parse_shard_key(output.prefix, key)
+            if shard is not None:
+                if shard.is_index:
+                    listing.indexes[key] = (shard, obj["LastModified"])
+            elif is_tombstone_key(output.prefix, key):
+                listing.tombstones.append(key)
+            elif key.endswith(FEATURE_SUFFIX):
+                files += 1
+    if not listing.indexes:
+        return files, {}
+    shards = read_shards(s3, output.bucket, listing, strict=False, cache=cache)
+    counts: dict[str, ShardCount] = {}
+    for index in shards.indexes:
+        old = counts.get(index.key.fingerprint, ShardCount())
+        counts[index.key.fingerprint] = replace(
+            old, shards=old.shards + 1, rows=old.rows + len(index.rows)
+        )
+    for _, _, fp in shards.rows:
+        old = counts.get(fp, ShardCount())
+        counts[fp] = replace(old, images=old.images + 1)
+    return files, dict(sorted(counts.items()))
 
 
 def take_sample(
@@ -430,6 +496,7 @@ def take_sample(
     previous: Sample | None = None,
     clock: Callable[[], float] = time.monotonic,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    shard_cache: dict[str, Any] | None = None,
 ) -> Sample:
     """One look at everything ``options`` asks for.
 
@@ -460,14 +527,22 @@ def take_sample(
         if isinstance(template, S3Location):
             template = OutputTemplate(template)
         found = find_versions(s3, template)
+        shards = {}
         if found.found:
-            versions = {found.label(v): count_features(s3, v) for v in found.found}
+            versions = {}
+            for version in found.found:
+                label = found.label(version)
+                versions[label], by_fp = count_output(s3, version, shard_cache)
+                if by_fp:
+                    shards[label] = by_fp
             others = found.others
             features = sum(versions.values())
         elif template.templated:
             versions, features = {}, 0  # a template's root without a version yet
         else:
-            features = count_features(s3, template.root)
+            features, by_fp = count_output(s3, template.root, shard_cache)
+            if by_fp:
+                shards[""] = by_fp
     return Sample(
         at=clock(),
         taken=now(),
@@ -477,6 +552,7 @@ def take_sample(
         features=features,
         versions=versions,
         other_folders=others,
+        shards=shards if features is not None else None,
     )
 
 
@@ -620,6 +696,7 @@ def run(
     in_place = options.watch is not None and not options.json and out.isatty()
     try:
         dlq_url = options.dead_letter_url or redrive_target(sqs, options.queue_url)
+        shard_cache: dict[str, Any] = {}  # shard indexes and tombstones: read once per run
 
         def sample(previous: Sample | None) -> Sample:
             return take_sample(
@@ -631,6 +708,7 @@ def run(
                 previous=previous,
                 clock=clock,
                 now=now,
+                shard_cache=shard_cache,
             )
 
         def show(current: Sample, rate: Estimate | None) -> None:
@@ -671,6 +749,9 @@ def run(
         return 0
     except (ClientError, BotoCoreError) as exc:
         err.write(f"{PROG}: error: {error_code(exc)}: {exc}\n")
+        return EXIT_FAILED
+    except ShardReadError as exc:
+        err.write(f"{PROG}: error: {exc}\n")
         return EXIT_FAILED
 
 
