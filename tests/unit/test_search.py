@@ -6,6 +6,7 @@ the contract's rules, so the search reads exactly the files a user would have.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import boto3
 import numpy as np
 import pytest
 
+from bottleneck_contract.shards import ShardRow, encode_index, shard_keys
 from bottleneck_tools import collect, similar
 from examples import search
 from tests import fakes
@@ -90,6 +92,36 @@ def test_an_image_is_nearest_itself_and_its_copy_comes_next(
     # AND the copy as query leads its own list, though both score the same
     found = neighbours(capsys, str(dataset), "copies/photo-3.jpg", "--k", "2")
     assert [n["source_key"] for n in found] == ["copies/photo-3.jpg", "photos/3.jpg"]
+
+
+def test_a_sharded_run_is_searched_through_what_collect_writes(
+    s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # GIVEN the images' features in two shards (--layout shards), one image in both (a repeat)
+    arrays = images()
+    keys = sorted(arrays)
+    fingerprint = "0123456789abcdef"
+    for seq, part in enumerate((keys[:6], keys[4:])):
+        shard = shard_keys("resnet50/", fingerprint, "host-1-abc123", seq)
+        buffer = io.BytesIO()
+        np.save(buffer, np.stack([arrays[k] for k in part]), allow_pickle=False)
+        metadata = {"model": "resnet50", "weights": "random", "pool": "avg", "shape": str(DIM)}
+        metadata.update(dtype="float32", fingerprint=fingerprint, rows=str(len(part)))
+        s3.put_object(Bucket="feats", Key=shard.npy_key, Body=buffer.getvalue(), Metadata=metadata)
+        rows = (ShardRow(i, "images", k, f"etag-{k}", fingerprint) for i, k in enumerate(part))
+        s3.put_object(
+            Bucket="feats", Key=shard.index_key, Body=encode_index(rows), Metadata=metadata
+        )
+    # WHEN they are collected and searched
+    directory = tmp_path / "shards"
+    result = collect.collect(s3, SOURCE, directory)
+    assert (result.layout, result.count) == ("shards", len(keys))
+    found = neighbours(capsys, str(directory), "photos/5.jpg", "--k", "2")
+    # THEN each image is nearest itself, whichever shard holds its row
+    assert found[0]["source_key"] == "photos/5.jpg"
+    assert found[0]["similarity"] == pytest.approx(1.0, abs=1e-6)
+    found = neighbours(capsys, str(directory), "photos/3.jpg", "--k", "2")
+    assert [n["source_key"] for n in found] == ["photos/3.jpg", "copies/photo-3.jpg"]
 
 
 def test_similarities_are_the_cosines_of_the_stored_features(
