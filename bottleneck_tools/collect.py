@@ -19,13 +19,18 @@ same files always give the same bytes.
 Shards (``bottleneck-consumer --layout shards``, the format in :mod:`bottleneck_contract.shards`):
 every committed shard's index (``<prefix>shards/<fingerprint>/*.index.jsonl``; a ``.npy`` without
 its index is ignored) is read, one row is kept per ``(bucket, key, fingerprint)`` (the newest
-shard's: at-least-once delivery can put an image in two shards), and the rows go into the same
+shard's: at-least-once delivery can put an image in two shards), a row whose image a tombstone
+says was deleted after the shard was committed is dropped (``<prefix>shards/tombstones/``, see
+:func:`bottleneck_contract.shards.live_rows`), and the rows go into the same
 three files as per-image files would, in the same order: each row's ``feature_key`` is the key its
 per-image file would have. Each shard is downloaded once, ``SHARD_CONCURRENCY`` at a time at most
 (a shard can be a few hundred MB). ``--layout auto`` (default) takes whichever layout the prefix
 holds and refuses a prefix that holds both; ``--layout both`` takes the union, a per-image file
 winning over shard rows with its feature key; ``files`` or ``shards`` take one and ignore the
 other.
+
+Versions: a root holding several ``<model>/<fingerprint>/`` versions is refused (name one); a
+root holding exactly one is collected as that version (its shards' keys are relative to it).
 
 Fingerprints: the files must all carry the same ``fingerprint`` (the same model, weights, pool,
 preprocessing and dtype), or the rows would not be comparable; a second fingerprint stops the

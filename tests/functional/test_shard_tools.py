@@ -99,7 +99,9 @@ def run_reconcile(stack: Stack, *argv: str) -> tuple[int, list[dict[str, Any]], 
     out, err = io.StringIO(), io.StringIO()
     options = reconcile.parse(list(argv), {})
     sqs = stack.sqs if "--fix" in argv and "--dry-run" not in argv else None
-    code = reconcile.run(options, s3=stack.s3, sqs=sqs, stdout=out, stderr=err, sleep=lambda _: 0)
+    code = reconcile.run(
+        options, s3=stack.s3, sqs=sqs, stdout=out, stderr=err, sleep=lambda _: None
+    )
     assert err.getvalue() == ""
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     return code, lines[:-1], lines[-1]["summary"]
