@@ -1,7 +1,7 @@
 """``bottleneck-collect``: gather feature files (or shards) into one training-ready dataset.
 
     bottleneck-collect s3://feats/resnet50/ -o DIR [--allow-mixed] [--concurrency N] [--restart]
-                       [--layout auto|files|shards|both]
+                       [--layout auto|files|shards|both] [--incremental]
 
 Writes into ``DIR``:
 
@@ -46,6 +46,19 @@ list is that of the first attempt: ``--restart`` starts over with a fresh listin
 files written since). When all rows are in, the three files are moved into ``DIR`` and the
 partial folder removed.
 
+Incremental (``--incremental``, opt-in; without it a run into a finished dataset collects it all
+again): beside the three files every run writes ``.collect-objects.csv`` (``row, feature_key,
+object``: a file's ETag and LastModified as its GetObject returned them, a shard row's shard and
+row). ``--incremental`` lists the prefix again and, for each row of the new plan whose feature key
+and object (as listed now) match a row of the finished dataset in ``DIR``, copies that row from
+the old ``features.npy`` (through memmaps, in blocks of ``COPY_BYTES``) instead of downloading it;
+rows of changed files, new files and new shards are downloaded; rows whose files are gone are
+dropped. The result is byte for byte what a full collect would write now. The copy happens in the
+partial folder before it counts as begun (interrupted there, the next run starts over); after
+that an interruption resumes like any other run, and the old dataset stays whole in ``DIR`` until
+the final moves. ``DIR`` without a dataset (or without ``.collect-objects.csv``): every row is
+downloaded. A dataset of another source is refused.
+
 Exit status: 0 done, 1 error (one line on stderr), 2 bad arguments, 130 interrupted.
 """
 
@@ -64,6 +77,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -107,6 +121,12 @@ FEATURES = "features.npy"
 INDEX = "index.csv"
 MANIFEST = "manifest.json"
 PARTIAL = ".collect-partial"
+# Beside the three files: each row's object as collected (a file's ETag and LastModified, a
+# shard row's shard and row), what --incremental compares with a new listing.
+OBJECTS = ".collect-objects.csv"
+OBJECTS_COLUMNS = ("row", "feature_key", "object")
+# Rows copied from the previous features.npy at once at most, by size.
+COPY_BYTES = 64 << 20
 INDEX_COLUMNS = (
     "row",
     "source_bucket",
@@ -137,6 +157,7 @@ class Downloaded:
     array: np.ndarray
     metadata: Mapping[str, str]
     where: str = ""  # where the row was read, for messages, when not at ``key``
+    object: str = ""  # its object's identity (:func:`object_id`, or a shard's row)
 
     def entry(self) -> dict[str, Any]:
         """Its journal (and index) entry."""
@@ -148,7 +169,24 @@ class Downloaded:
             "source_etag": meta.get(SOURCE_ETAG, ""),
             "feature_key": self.key,
             "fingerprint": meta.get(FINGERPRINT, ""),
+            "object": self.object,
         }
+
+
+def object_id(etag: str, modified: Any) -> str:
+    """A per-image file's version as ``ETag LastModified`` (to the second, UTC: a listing and a
+    GetObject agree on both), or ``""`` when either is unknown."""
+    etag = str(etag or "").strip('"')
+    if not etag or modified is None:
+        return ""
+    if hasattr(modified, "astimezone"):
+        modified = modified.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{etag} {modified}"
+
+
+def shard_row_id(npy_key: str, row: int) -> str:
+    """A shard row's identity: shards are create-only, so its bytes never change."""
+    return f"{npy_key}#{row}"
 
 
 @dataclass
@@ -164,6 +202,8 @@ class Result:
     directory: Path = Path()
     layout: str = "files"
     shards: int = 0  # shards the rows come from (with shards)
+    reused: int = 0  # rows copied from the previous dataset (--incremental)
+    dropped: int = 0  # rows of the previous dataset whose files (or rows) are gone
 
 
 # ---------------------------------------------------------------------------- S3 reads
@@ -271,7 +311,9 @@ def download(s3: Any, bucket: str, key: str, row: int) -> Downloaded:
     except Exception as exc:  # np.load raises several kinds for bad bytes
         raise CollectError(f"s3://{bucket}/{key} is not a readable .npy file: {exc}") from None
     metadata = {k.lower(): v for k, v in response.get("Metadata", {}).items()}
-    return Downloaded(row, key, str(response.get("ETag", "")).strip('"'), array, metadata)
+    etag = str(response.get("ETag", "")).strip('"')
+    version = object_id(etag, response.get("LastModified"))
+    return Downloaded(row, key, etag, array, metadata, object=version)
 
 
 def download_shard(
@@ -315,6 +357,7 @@ def download_shard(
                 array[item["row"]],
                 meta,
                 where=f"{where} row {item['row']}",
+                object=shard_row_id(npy_key, item["row"]),
             )
         )
     return out
@@ -347,8 +390,12 @@ class _Partial:
         dtype: np.dtype[Any],
         metadata: Mapping[str, str],
         layout: str,
+        extra: Mapping[str, Any] | None = None,
+        fill: Callable[[np.memmap[Any, Any]], None] | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """A fresh partial state whose array has the first row's shape and dtype."""
+        """A fresh partial state whose array has the first row's shape and dtype; ``fill``
+        writes rows into it (and their journal lines) before the state counts as begun."""
         self.remove()
         self.dir.mkdir(parents=True)
         _write_text(self.keys_path, "".join(json.dumps(k) + "\n" for k in keys))
@@ -357,11 +404,15 @@ class _Partial:
             "count": len(keys),
             "row_shape": list(row_shape),
             "dtype": dtype.str,
-            "settings": _settings(metadata),
+            "settings": dict(settings) if settings is not None else _settings(metadata),
             "layout": layout,
+            **(extra or {}),
         }
         shape = (len(keys), *row_shape)
         array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=dtype, shape=shape)
+        if fill is not None:
+            # Interrupted here, there is no meta.json yet: the next run starts over.
+            fill(array)
         del array  # created at full size; reopened below in r+ mode
         _write_text(self.meta_path, json.dumps(meta, sort_keys=True))
         return meta
@@ -407,6 +458,109 @@ def _settings(metadata: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+# ---------------------------------------------------------------------------- the previous dataset
+
+
+@dataclass
+class _Previous:
+    """A finished dataset in the directory, as --incremental reuses it."""
+
+    path: Path  # its features.npy
+    settings: dict[str, str]
+    dtype: str
+    row_shape: tuple[int, ...]
+    # (feature key, object) -> (its row, its index entry): the rows whose object is known
+    rows: dict[tuple[str, str], tuple[int, dict[str, Any]]]
+    names: list[str]  # every row's feature key
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _previous(directory: Path, source: str) -> _Previous | None:
+    """The finished dataset in ``directory`` (``None`` if there is none); one of another source
+    is a :class:`CollectError`."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("source") != source:
+        raise CollectError(
+            f"{directory} holds a collection of {manifest.get('source')}; --incremental updates "
+            "one of the same source: collect into another directory"
+        )
+    index = _read_csv(directory / INDEX)
+    shape = np.load(directory / FEATURES, mmap_mode="r").shape
+    if not len(index) == manifest.get("count") == shape[0]:
+        raise CollectError(
+            f"{directory}: {FEATURES}, {INDEX} and {MANIFEST} disagree on the count; collect "
+            "without --incremental"
+        )
+    objects: dict[int, str] = {}
+    if (directory / OBJECTS).is_file():  # absent: collected before --incremental; no reuse
+        objects = {
+            int(line["row"]): line["object"]
+            for line in _read_csv(directory / OBJECTS)
+            if int(line["row"]) < len(index)
+            and index[int(line["row"])]["feature_key"] == line["feature_key"]
+        }
+    rows: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+    for row, entry in enumerate(index):
+        if objects.get(row):
+            rows[(entry["feature_key"], objects[row])] = (row, {**entry, "object": objects[row]})
+    return _Previous(
+        path=directory / FEATURES,
+        settings={k: manifest[k] for k in ("model", "weights", "pool", "fingerprint")},
+        dtype=manifest["dtype"],
+        row_shape=tuple(manifest["shape"][1:]),
+        rows=rows,
+        names=[entry["feature_key"] for entry in index],
+    )
+
+
+def _listed_object(item: Item, listing: Listing) -> str:
+    """The identity of a plan row's object as listed now (compared with :data:`OBJECTS`)."""
+    if isinstance(item, str):
+        etag, modified = listing.file_objects.get(item, ("", None))
+        return object_id(etag, modified)
+    return shard_row_id(item["shard"], item["row"])
+
+
+def _copy_rows(
+    previous: _Previous,
+    array: np.memmap[Any, Any],
+    reuse: Sequence[tuple[int, int]],
+    partial: _Partial,
+    done: dict[int, dict[str, Any]],
+    entries: Mapping[int, dict[str, Any]],
+) -> None:
+    """Copy the ``(new row, old row)`` pairs from the previous ``features.npy`` into ``array``,
+    runs of consecutive rows at once (at most :data:`COPY_BYTES`), journalling each block after
+    its data is flushed."""
+    old = np.load(previous.path, mmap_mode="r")
+    row_bytes = max(1, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)))
+    block = max(1, COPY_BYTES // row_bytes)
+    i = 0
+    try:
+        while i < len(reuse):
+            new0, old0 = reuse[i]
+            n = 1
+            while i + n < len(reuse) and n < block and reuse[i + n] == (new0 + n, old0 + n):
+                n += 1
+            array[new0 : new0 + n] = old[old0 : old0 + n]
+            array.flush()
+            lines = []
+            for new, was in reuse[i : i + n]:
+                done[new] = {**entries[was], "row": new}
+                lines.append(done[new])
+            partial.append(lines)
+            i += n
+    finally:
+        del old
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -420,9 +574,11 @@ def collect(
     restart: bool = False,
     progress: Callable[[int, int], Any] | None = None,
     layout: str = "auto",
+    incremental: bool = False,
 ) -> Result:
     """Collect the ``.npy`` files (or shards) under ``source`` into ``directory`` (see the module
-    docstring); ``layout`` is one of :data:`LAYOUTS`.
+    docstring); ``layout`` is one of :data:`LAYOUTS`. ``incremental``: rows whose object is
+    unchanged since the finished dataset in ``directory`` are copied from it, not downloaded.
 
     ``progress(done, total)`` is called once with the rows already done, and returns an object
     with ``update(n)`` and ``close()`` (a tqdm bar fits). Raises :class:`CollectError` for bad
@@ -437,6 +593,7 @@ def collect(
     if restart:
         partial.remove()
     fresh = 0
+    reused = dropped = 0
     if partial.exists():
         meta, keys, done = partial.load()
         if meta.get("source") != source:
@@ -457,12 +614,62 @@ def collect(
         if not keys:
             raise CollectError(f"no .npy files under {source}")
         done = {}
+        previous = _previous(directory, source) if incremental else None
+        reuse: list[tuple[int, int]] = []  # (new row, old row)
+        entries: dict[int, dict[str, Any]] = {}  # old row -> its index entry
+        if previous is not None:
+            for row, planned in enumerate(keys):
+                hit = previous.rows.get((_name(planned), _listed_object(planned, listing)))
+                if hit is not None:
+                    reuse.append((row, hit[0]))
+                    entries[hit[0]] = hit[1]
+            names = {_name(planned) for planned in keys}
+            dropped = sum(1 for name in previous.names if name not in names)
         head = keys[0]
-        if isinstance(head, str):
+        # The settings come from the first row, as a full collect's: the previous dataset's
+        # when that row is reused with its fingerprint (a fingerprint names the settings).
+        settings = None
+        if previous is not None and reuse and reuse[0][0] == 0 and isinstance(head, str):
+            if entries[reuse[0][1]]["fingerprint"] == previous.settings["fingerprint"]:
+                settings = previous.settings
+            else:
+                reuse.pop(0)
+        reused = len(reuse)
+
+        def fill(array: np.memmap[Any, Any]) -> None:
+            if previous is not None and reuse:
+                if array.shape[1:] != previous.row_shape:
+                    raise CollectError(
+                        f"{directory}'s rows have shape {previous.row_shape}, {source}'s "
+                        f"{array.shape[1:]}: collect without --incremental"
+                    )
+                _copy_rows(previous, array, reuse, partial, done, entries)
+
+        extra = {"reused": reused, "dropped": dropped}
+        if settings is not None:
+            meta = partial.start(
+                source,
+                keys,
+                previous.row_shape if previous is not None else (),
+                np.dtype(previous.dtype if previous is not None else "float32"),
+                {},
+                chosen,
+                extra,
+                fill,
+                settings,
+            )
+        elif isinstance(head, str):
             first = download(s3, bucket, head, 0)
             _check_metadata(first)
             meta = partial.start(
-                source, keys, first.array.shape, first.array.dtype, first.metadata, chosen
+                source,
+                keys,
+                first.array.shape,
+                first.array.dtype,
+                first.metadata,
+                chosen,
+                extra,
+                fill,
             )
             _write_row(partial, [first], done)
             fresh = 1
@@ -475,12 +682,16 @@ def collect(
                 np.dtype(shard_meta.get(DTYPE, "float32")),
                 {**shard_meta, FINGERPRINT: head["entry"]["fingerprint"]},
                 chosen,
+                extra,
+                fill,
             )
 
     reference = meta["settings"]["fingerprint"]
     row_shape = tuple(meta["row_shape"])
     fingerprints: Counter[str] = Counter(entry["fingerprint"] for entry in done.values())
-    resumed = len(done) - fresh
+    reused = int(meta.get("reused", 0))
+    dropped = int(meta.get("dropped", 0))
+    resumed = len(done) - fresh - reused
     if not allow_mixed:
         _refuse_mixed(fingerprints, reference, done)
         _refuse_mixed_shards(keys, reference)
@@ -540,6 +751,8 @@ def collect(
         directory=directory,
         layout=meta.get("layout", "files"),
         shards=len({k["shard"] for k in keys if not isinstance(k, str)}),
+        reused=reused,
+        dropped=dropped,
     )
 
 
@@ -671,12 +884,23 @@ def _finish(
     if len(fingerprints) > 1:
         manifest["mixed"] = True
         manifest["fingerprints"] = dict(sorted(fingerprints.items()))
+    objects = io.StringIO()
+    writer = csv.DictWriter(objects, fieldnames=OBJECTS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in range(len(keys)):
+        entry = done[row]
+        writer.writerow(
+            {"row": row, "feature_key": entry["feature_key"], "object": entry.get("object", "")}
+        )
     _write_text(partial.dir / INDEX, buffer.getvalue())
+    _write_text(partial.dir / OBJECTS, objects.getvalue())
     _write_text(partial.dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    # The manifest last: its presence says the other two are complete.
+    # The manifest last: its presence says the others are complete. Until the first move the
+    # previous dataset is whole (an interrupted --incremental run leaves it as it was).
     (directory / MANIFEST).unlink(missing_ok=True)
     os.replace(partial.array_path, directory / FEATURES)
     os.replace(partial.dir / INDEX, directory / INDEX)
+    os.replace(partial.dir / OBJECTS, directory / OBJECTS)
     os.replace(partial.dir / MANIFEST, directory / MANIFEST)
     partial.remove()
 
@@ -713,6 +937,13 @@ def build_parser() -> argparse.ArgumentParser:
         "error); files or shards: that one only; both: their union, a per-image file winning "
         "over a shard's row for the same image",
     )
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="update the dataset in the directory: download only the files (or shards) new or "
+        "changed since it was collected, copy the unchanged rows from it, drop the rows of "
+        "files gone (a directory without one: a full collect)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -726,6 +957,7 @@ class Options:
     restart: bool = False
     progress: bool = True
     layout: str = "auto"
+    incremental: bool = False
 
 
 def parse(argv: Sequence[str] | None) -> Options:
@@ -753,6 +985,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         restart=args.restart,
         progress=not args.no_progress,
         layout=args.layout,
+        incremental=args.incremental,
     )
 
 
@@ -813,6 +1046,7 @@ def run(
             restart=options.restart,
             progress=bar,
             layout=options.layout,
+            incremental=options.incremental,
         )
     except KeyboardInterrupt:
         err.write(f"{PROG}: interrupted: rows written so far are kept; rerun to resume\n")
@@ -833,6 +1067,8 @@ def run(
     how = f"{result.downloaded:,} downloaded"
     if result.resumed:
         how += f", {result.resumed:,} from the interrupted run"
+    if options.incremental:
+        how += f", {result.reused:,} reused, {result.dropped:,} dropped"
     what = "feature files" if result.layout == "files" else "rows"
     if result.shards:
         how += f"; {result.shards:,} shards"

@@ -47,6 +47,8 @@ class Listing:
     tombstone objects."""
 
     files: list[str] = field(default_factory=list)  # sorted
+    # each file's ETag and LastModified as listed (what an incremental collect compares)
+    file_objects: dict[str, tuple[str, Any]] = field(default_factory=dict)
     indexes: dict[str, tuple[ShardKey, Any]] = field(default_factory=dict)  # key: LastModified
     shard_npys: set[str] = field(default_factory=set)
     tombstones: list[str] = field(default_factory=list)
@@ -67,6 +69,7 @@ def _sort(listing: Listing, prefix: str, objects: Iterable[dict[str, Any]]) -> L
             listing.tombstones.append(key)
         elif key.endswith(FEATURE_SUFFIX):
             listing.files.append(key)
+            listing.file_objects[key] = (str(obj.get("ETag", "")), obj.get("LastModified"))
     listing.files.sort()
     listing.tombstones.sort()
     return listing
