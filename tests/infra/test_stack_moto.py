@@ -315,6 +315,7 @@ def test_upload_role_allows_exactly_what_the_upload_function_calls(stack: Stack)
         "sqs:SendMessage",
         "s3:GetObject",
         "s3:DeleteObject",
+        "s3:PutObject",
         "s3:ListBucket",
     }
     buffer_arn = _queue_arn(stack.outputs["UploadQueueUrl"])
@@ -325,6 +326,8 @@ def test_upload_role_allows_exactly_what_the_upload_function_calls(stack: Stack)
     # Deletes only under the output prefix; HEADs of images and of feature files; and the
     # ListBucket that makes a missing key a 404 instead of a 403
     assert allowed["s3:DeleteObject"] == [f"arn:aws:s3:::{bucket}/features/*"]
+    # Writes only tombstones for shard rows (any version's), nothing else
+    assert allowed["s3:PutObject"] == [f"arn:aws:s3:::{bucket}/features/*shards/tombstones/*"]
     assert sorted(allowed["s3:GetObject"]) == [
         f"arn:aws:s3:::{bucket}/features/*",
         f"arn:aws:s3:::{bucket}/images/*",
