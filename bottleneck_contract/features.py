@@ -35,6 +35,7 @@ __all__ = [
     "encode_key",
     "feature_key",
     "feature_metadata",
+    "for_source",
     "is_current",
     "metadata_size",
     "source_key_of",
@@ -146,6 +147,23 @@ def feature_metadata(
         meta[HEAD] = head
     if normalize:
         meta[NORMALIZE] = normalize
+    return _fit(meta, source_key)
+
+
+def for_source(
+    meta: Mapping[str, str], *, source_bucket: str, source_key: str, source_etag: str
+) -> dict[str, str]:
+    """``meta`` of one feature file made to name another image with the same bytes (a copy's,
+    ``--dedupe content``), within S3's 2 KB by the same rule as :func:`feature_metadata`."""
+    moved = dict(meta)
+    moved[SOURCE_BUCKET] = source_bucket
+    moved[SOURCE_KEY] = encode_key(source_key)
+    moved[SOURCE_ETAG] = source_etag
+    return _fit(moved, source_key)
+
+
+def _fit(meta: dict[str, str], source_key: str) -> dict[str, str]:
+    """When a very long key would push ``meta`` over 2 KB, its ``sha256:<hex>`` stands in."""
     if metadata_size(meta) > MAX_METADATA_BYTES:
         meta[SOURCE_KEY] = _HASHED + hashlib.sha256(source_key.encode("utf-8")).hexdigest()
     return meta

@@ -28,16 +28,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from bottleneck_contract.features import (
-    FINGERPRINT,
-    MAX_METADATA_BYTES,
-    SOURCE_BUCKET,
-    SOURCE_ETAG,
-    SOURCE_KEY,
-    SOURCE_SHA256,
-    encode_key,
-    metadata_size,
-)
+from bottleneck_contract.features import FINGERPRINT, SOURCE_SHA256, for_source
 from consumer.objects import ConditionFailed, Existing, ObjectClient
 from consumer.storage import CONTENT_TYPE
 
@@ -84,12 +75,12 @@ class ContentIndex:
         self, found: Found, *, to_key: str, source_bucket: str, source_key: str, source_etag: str
     ) -> None:
         """Copy ``found`` to ``to_key`` server-side with this image's source metadata."""
-        meta = dict(found.metadata)
-        meta[SOURCE_BUCKET] = source_bucket
-        meta[SOURCE_KEY] = encode_key(source_key)
-        meta[SOURCE_ETAG] = source_etag
-        if metadata_size(meta) > MAX_METADATA_BYTES:
-            meta[SOURCE_KEY] = "sha256:" + hashlib.sha256(source_key.encode("utf-8")).hexdigest()
+        meta = for_source(
+            found.metadata,
+            source_bucket=source_bucket,
+            source_key=source_key,
+            source_etag=source_etag,
+        )
         self.objects.copy(self.bucket, found.key, to_key, metadata=meta, content_type=CONTENT_TYPE)
 
     def record(self, sha256: str, feature_key: str) -> None:

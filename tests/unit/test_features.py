@@ -14,6 +14,7 @@ from bottleneck_contract.features import (
     decode_key,
     encode_key,
     feature_key,
+    for_source,
     is_current,
     metadata_size,
     source_key_of,
@@ -213,3 +214,25 @@ def test_serialise_round_trips_without_pickle(dtype: str) -> None:
     loaded = np.load(io.BytesIO(serialise(features, dtype)), allow_pickle=False)
     assert loaded.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(loaded, features.astype(dtype))
+
+
+def test_a_copys_metadata_names_its_own_image_within_2_kb() -> None:
+    # GIVEN a feature file's metadata (--dedupe content copies it for identical bytes)
+    original = {"source-bucket": "a", "source-key": "x.jpg", "source-etag": "e1", "model": "m"}
+
+    # WHEN it is made to name another image, with an ordinary key and with a very long one
+    moved = for_source(original, source_bucket="b", source_key="dir/cat 1.jpg", source_etag="e2")
+    long_key = "k/" + "é" * 1000
+    long = for_source(original, source_bucket="b", source_key=long_key, source_etag="e2")
+
+    # THEN the source fields are the new image's, the rest is kept, the original untouched,
+    # and the long key is replaced by its sha256 to stay within S3's 2 KB
+    assert moved == {
+        "source-bucket": "b",
+        "source-key": "dir/cat%201.jpg",
+        "source-etag": "e2",
+        "model": "m",
+    }
+    assert original["source-key"] == "x.jpg"
+    assert long["source-key"].startswith("sha256:")
+    assert metadata_size(long) <= MAX_METADATA_BYTES
