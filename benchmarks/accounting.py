@@ -9,12 +9,15 @@ How "CPU outside the model" is measured (the same way for every row):
   ``time.thread_time()`` spent inside ``Backbone.submit`` and ``PendingFeatures.result`` (the
   backbone instance is wrapped, the consumer's code is not changed), plus the CPU of every
   thread that has no Python ``threading.Thread`` object: those are torch's intra-op (OpenMP)
-  workers, which only the model uses. Per-thread times come from ``/proc/self/task`` through
-  ``psutil.Process().threads()``, read at the start and the end of the interval;
+  workers, which only the model uses. Per-thread times are the kernel's nanosecond run times
+  (``/proc/self/task/<tid>/schedstat``), read at the start and the end of the interval: the
+  10 ms ticks of ``/proc/<tid>/stat`` (what ``psutil`` reads) round a light thread's share of a
+  short window to nothing;
 * **outside the model** is process CPU minus model CPU: decode, AWS calls (botocore, HTTP, SSL),
   serialisation and the pipeline's bookkeeping. The same per-thread times, grouped by thread name
   (``fetch``, ``decode``, ``write``, ``receive``, ``ack``, ``infer``...), say where it went;
-  what no live thread accounts for (threads that exited, tick rounding) is ``unattributed``.
+  what no live thread accounts for (threads that exited, the process's tick rounding) is
+  ``unattributed``.
   The benchmark's own threads (the memory sampler; in the end-to-end row the main thread, which
   only polls for completion) are left out of every figure.
 
@@ -24,12 +27,15 @@ Peak resident memory is sampled every 50 ms (this process, plus the decode proce
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,6 +56,26 @@ def native_group(tid: int) -> str:
     except OSError:  # gone, or not Linux
         return NATIVE_GROUP
     return S3_NATIVE_GROUP if name.startswith("tokio") else NATIVE_GROUP
+
+
+def task_schedstat() -> dict[int, tuple[float, float]]:
+    """Per thread of this process: (seconds run on a CPU, seconds waited for one), in the
+    kernel's nanoseconds; empty where the kernel keeps no schedstat (not Linux)."""
+    times: dict[int, tuple[float, float]] = {}
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                run, wait, _ = task.joinpath("schedstat").read_text().split()
+                times[int(task.name)] = (int(run) / 1e9, int(wait) / 1e9)
+    return times
+
+
+def thread_cpu_seconds(process: psutil.Process) -> dict[int, float]:
+    """CPU seconds per thread of this process: exact from schedstat, else psutil's ticks."""
+    exact = task_schedstat()
+    if exact:
+        return {tid: run for tid, (run, _) in exact.items()}
+    return {t.id: t.user_time + t.system_time for t in process.threads()}
 
 
 class ModelClock:
@@ -197,7 +223,7 @@ class CpuMeter:
             children=children,
             excluded=excluded,
             machine_busy=machine_busy_seconds(),
-            threads={t.id: t.user_time + t.system_time for t in self.process.threads()},
+            threads=thread_cpu_seconds(self.process),
             names=names,
         )
 
@@ -222,7 +248,7 @@ class CpuMeter:
                 by_group[group] += delta
         by_group[NATIVE_GROUP] += native
         process = end.process - begin.process
-        # Threads that exited during the interval, and /proc's 10 ms tick rounding per thread.
+        # Threads that exited during the interval, and the process figure's 10 ms ticks.
         by_group["unattributed"] += max(0.0, process - sum(by_group.values()))
         children = end.children - begin.children
         if children > 0:

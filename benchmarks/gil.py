@@ -53,7 +53,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.accounting import thread_group
+from benchmarks.accounting import task_schedstat, thread_group
 
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
@@ -116,16 +116,6 @@ class RunQueueClock:
         self._start: dict[int, tuple[float, float]] = {}
         self._names: dict[int, str] = {}
 
-    @staticmethod
-    def _read() -> dict[int, tuple[float, float]]:
-        times: dict[int, tuple[float, float]] = {}
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-                with contextlib.suppress(OSError, ValueError):
-                    run, wait, _ = task.joinpath("schedstat").read_text().split()
-                    times[int(task.name)] = (int(run) / 1e9, int(wait) / 1e9)
-        return times
-
     def _name_threads(self) -> None:
         for thread in threading.enumerate():
             if thread.native_id is not None:
@@ -133,11 +123,11 @@ class RunQueueClock:
 
     def start(self) -> None:
         self._name_threads()
-        self._start = self._read()
+        self._start = task_schedstat()
 
     def stop(self) -> dict[str, float]:
         """Share of its runnable time each group ran (1.0 where the kernel keeps no figures)."""
-        end = self._read()
+        end = task_schedstat()
         self._name_threads()
         run: dict[str, float] = defaultdict(float)
         wait: dict[str, float] = defaultdict(float)

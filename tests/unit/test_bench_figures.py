@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import obstore
 import pytest
 from obstore.store import MemoryStore
 
 from benchmarks import throughput
-from benchmarks.accounting import NATIVE_GROUP, S3_NATIVE_GROUP, native_group
+from benchmarks.accounting import (
+    NATIVE_GROUP,
+    S3_NATIVE_GROUP,
+    CpuMeter,
+    ModelClock,
+    native_group,
+)
 from benchmarks.costs import cost_table, image_cost, layout_requests, unpriced
 from benchmarks.feed import INSTANCES, ceilings
 from benchmarks.gil import on_cpu_seconds, parse_raw
@@ -108,6 +115,35 @@ def test_obstores_native_io_threads_count_as_s3_work_and_other_native_threads_as
     # THEN obstore's are S3 work, not the model's; a thread named otherwise stays the model's
     assert S3_NATIVE_GROUP in groups
     assert native_group(threading.main_thread().native_id or 0) == NATIVE_GROUP
+
+
+def test_a_thread_using_a_few_ms_of_cpu_shows_them_in_its_stage() -> None:
+    # GIVEN a meter started, then a live thread that burns about 3 ms of CPU (under one 10 ms
+    # tick, as a light fetch or write thread does over a short window)
+    meter = CpuMeter(ModelClock())
+    meter.start()
+    used: list[float] = []
+    burnt, release = threading.Event(), threading.Event()
+
+    def burn() -> None:
+        began = time.thread_time()
+        while time.thread_time() - began < 0.003:
+            pass
+        used.append(time.thread_time() - began)
+        burnt.set()
+        release.wait()
+
+    thread = threading.Thread(target=burn, name="light_0")
+    thread.start()
+    burnt.wait()
+
+    # WHEN the meter stops while the thread is alive
+    report = meter.stop()
+    release.set()
+    thread.join()
+
+    # THEN its stage shows what it used, to the millisecond (10 ms ticks would show 0 or 10)
+    assert report.by_group.get("light", 0.0) == pytest.approx(used[0], abs=0.001)
 
 
 def test_cost_per_million_images_counts_each_request_at_its_price() -> None:
