@@ -258,7 +258,10 @@ def _heif_failure(exc: BaseException) -> PermanentError:
 
 def _oriented(image: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(image) or image
+        # In place: the image is ours, and without an Orientation tag exif_transpose would
+        # otherwise return a full copy of the decoded pixels.
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
     except Exception:
         # A damaged EXIF block must not cost a good image its features: keep the stored pixels.
         return image

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from consumer.decode import DecodeLimits, decode_image
+from consumer.pil_resize import plain_stages
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +148,12 @@ class ImagePreparer:
     def __init__(self, spec: InputSpec, limits: DecodeLimits, *, draft: bool = False) -> None:
         self.spec = spec
         self.limits = limits
-        self.stages = pil_stages(spec)
+        timms = pil_stages(spec)  # also checks that the tensor steps split off exactly
+        # The same pixels without the waste (see consumer.pil_resize), where the transform allows.
+        self.stages = (
+            plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+            or timms
+        )
         self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
 
     def __call__(self, data: bytes) -> np.ndarray:

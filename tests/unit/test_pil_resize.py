@@ -16,11 +16,29 @@ SPECS = [
     InputSpec((3, 224, 224), "bilinear", MEAN, STD, 0.95, "center"),
     InputSpec((3, 160, 160), "bicubic", MEAN, STD, 1.0, "center"),
     InputSpec((3, 32, 32), "bicubic", MEAN, STD, 0.9, "center"),  # timm's test_* models
+    InputSpec((3, 160, 160), "bicubic", MEAN, STD, 0.875, "center"),  # test_vit
+    InputSpec((3, 224, 224), "lanczos", MEAN, STD, 0.9, "center"),
+    InputSpec((3, 224, 224), "nearest", MEAN, STD, 0.875, "center"),
 ]
-SIZES = [(500, 375), (375, 500), (224, 224), (257, 256), (1000, 37), (3, 640), (97, 31)]
+# Both sides resized, one side only (256 is 224 / 0.875), none, and odd shapes.
+SIZES = [
+    (500, 375),
+    (375, 500),
+    (224, 224),
+    (257, 256),
+    (1000, 37),
+    (3, 640),
+    (97, 31),
+    (256, 300),
+    (301, 256),
+    (256, 256),
+    (1200, 900),
+]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.input_size[1]}-{s.interpolation}")
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.input_size[1]}-{s.interpolation}-{s.crop_pct}"
+)
 def test_same_pixels_as_timm_for_every_shape(spec: InputSpec) -> None:
     # GIVEN timm's eval transform and the torch-free one for the same settings
     ours = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
