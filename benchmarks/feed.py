@@ -162,7 +162,7 @@ def measure_feed(args: argparse.Namespace, out: Callable[[str], None]) -> dict[s
     from consumer.runtime import build_runtime
 
     n = args.feed_images
-    server = tp.MotoServer()
+    server = tp.MotoServer(args.moto_keep_alive)
     if args.feed_nice_moto:
         lower_priority(server.pid)
     try:
@@ -368,6 +368,13 @@ def add_feed_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the feed row measures the GIL (auto: py-spy when it can attach, else probe)",
     )
     parser.add_argument("--gil-rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument(
+        "--moto-keep-alive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve moto over kept-alive connections, as AWS's endpoints are (default on): "
+        "moto's own server closes every connection, and every request would also connect",
+    )
     parser.add_argument(
         "--feed-nice-moto",
         action=argparse.BooleanOptionalAction,

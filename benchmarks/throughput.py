@@ -52,6 +52,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,14 +214,21 @@ server.stop()
 
 
 class MotoServer:
-    """``ThreadedMotoServer`` on 127.0.0.1 in a child process: its CPU is not ours."""
+    """moto's server on 127.0.0.1 in a child process: its CPU is not ours.
 
-    def __init__(self) -> None:
+    ``keep_alive`` (the default) serves kept-alive connections, as AWS does
+    (:mod:`benchmarks.moto_keepalive`); otherwise ``ThreadedMotoServer``, which closes every one.
+    """
+
+    def __init__(self, keep_alive: bool = True) -> None:
+        command = ["-m", "benchmarks.moto_keepalive"] if keep_alive else ["-c", _MOTO_SCRIPT]
+        self.keep_alive = keep_alive
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _MOTO_SCRIPT],
+            [sys.executable, *command],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            cwd=Path(__file__).resolve().parents[1],  # the repository: benchmarks is importable
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -976,7 +984,7 @@ def run_main(
     out(f"generating {args.images} JPEGs ...")
     images = build_image_set(args.images, args.large_fraction, args.seed)
     needs_moto = "e2e" in wanted or "naive" in wanted
-    server = MotoServer() if needs_moto else None
+    server = MotoServer(args.moto_keep_alive) if needs_moto else None
     exclude = [server.pid] if server is not None else []
     clock = ModelClock()
     rows: dict[str, Row] = {}

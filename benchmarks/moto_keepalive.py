@@ -1,0 +1,149 @@
+"""moto's server with kept-alive connections, as AWS's endpoints keep them.
+
+moto's ``ThreadedMotoServer`` runs on werkzeug's development server, which answers every request
+with ``Connection: close`` (and after each response drains whatever the client sent next, which
+rules out reusing the connection). A client of it connects for every call: a TCP handshake, a new
+socket in the client's pool and the teardown, CPU that a consumer talking to S3 and SQS over
+pooled connections never spends, and that a benchmark measuring the consumer's CPU per image
+would charge to the consumer.
+
+:class:`KeepAliveHandler` serves moto's WSGI application over HTTP/1.1 from the standard
+library's request handler: it reads each request's body in full (``Content-Length`` or chunked;
+``Expect: 100-continue`` is answered by the standard library), builds the WSGI environ as
+werkzeug does, and answers with a ``Content-Length``, so the connection is ready for the next
+request. Run as ``python -m benchmarks.moto_keepalive``: it prints its port, and stops when its
+stdin closes.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# Headers the handler sets itself: the body is whole, its length known, the connection kept.
+_HOP_BY_HOP = {"connection", "content-length", "transfer-encoding", "keep-alive"}
+
+
+def _latin1(text: str) -> str:
+    """WSGI's str for a URL part: the UTF-8 bytes read as latin-1 (werkzeug does the same)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """A WSGI application (``app``) over kept-alive HTTP/1.1 connections."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body are separate writes: with Nagle's algorithm the body would wait for the
+    # client's delayed ACK (40 ms).
+    disable_nagle_algorithm = True
+    app: App
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while size := int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16):
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()  # the CRLF after each chunk
+            while self.rfile.readline().strip():  # trailers, up to the empty line
+                pass
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _environ(self, body: bytes) -> dict[str, Any]:
+        url = urlsplit(self.path)
+        host, port = self.server.server_address[:2]  # type: ignore[index,str-unpack]
+        environ: dict[str, Any] = {
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "REQUEST_METHOD": self.command,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": _latin1(unquote(url.path)),
+            "QUERY_STRING": _latin1(url.query),
+            "REQUEST_URI": _latin1(self.path),
+            "RAW_URI": _latin1(self.path),
+            "REMOTE_ADDR": self.client_address[0],
+            "REMOTE_PORT": self.client_address[1],
+            "SERVER_NAME": str(host),
+            "SERVER_PORT": str(port),
+            "SERVER_PROTOCOL": self.request_version,
+            "CONTENT_LENGTH": str(len(body)),
+        }
+        for name, value in self.headers.items():
+            key = name.upper().replace("-", "_")
+            if "_" in name or key in ("CONTENT_LENGTH", "TRANSFER_ENCODING"):
+                continue
+            key = key if key == "CONTENT_TYPE" else f"HTTP_{key}"
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        return environ
+
+    def _run(self) -> None:
+        environ = self._environ(self._body())
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], _exc: Any = None) -> Any:
+            started[:] = [status, headers]
+            return lambda data: None  # moto never uses write()
+
+        result = self.app(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+        status, headers = started
+        code, _, reason = status.partition(" ")
+        self.send_response(int(code), reason)
+        length = str(len(body))
+        for name, value in headers:
+            if name.lower() == "content-length" and self.command == "HEAD":
+                length = value  # a HEAD's length is the object's, and no body follows
+            elif name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        self.send_header("Content-Length", length)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    # The standard library dispatches to do_<METHOD>: every method is the application's.
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _run  # noqa: N815
+
+
+def serve(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """moto's application on a threaded keep-alive server (not yet serving)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    app = DomainDispatcherApplication(create_backend_app)
+
+    class MotoHandler(KeepAliveHandler):
+        pass
+
+    MotoHandler.app = app
+    server = ThreadingHTTPServer((host, port), MotoHandler)
+    server.daemon_threads = True
+    return server
+
+
+def main() -> None:
+    server = serve()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(server.server_address[1], flush=True)
+    sys.stdin.read()
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

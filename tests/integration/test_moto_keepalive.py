@@ -1,0 +1,91 @@
+"""The benchmarks' moto server keeps connections alive, as AWS does, and answers as moto does."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from benchmarks.moto_keepalive import serve
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, list[int]]]:
+    server = serve()
+    connections: list[int] = []
+    finish = server.finish_request
+
+    def counted(request: Any, client_address: Any) -> None:
+        connections.append(1)
+        finish(request, client_address)
+
+    server.finish_request = counted  # type: ignore[method-assign]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", connections
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def client(service: Literal["s3", "sqs"], url: str) -> Any:
+    return boto3.client(
+        service,
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(max_pool_connections=1, retries={"max_attempts": 1}),
+    )
+
+
+def test_s3_and_sqs_calls_share_one_connection_each(server: tuple[str, list[int]]) -> None:
+    url, connections = server
+    s3, sqs = client("s3", url), client("sqs", url)
+
+    # WHEN a client makes every kind of call the consumer makes, a body of 100 KB included
+    # (botocore sends it after "Expect: 100-continue")
+    s3.create_bucket(Bucket="kept-alive")
+    body = bytes(range(256)) * 400
+    s3.put_object(Bucket="kept-alive", Key="a/b c.jpg", Body=body, Metadata={"source-etag": "x"})
+    got = s3.get_object(Bucket="kept-alive", Key="a/b c.jpg")["Body"].read()
+    head = s3.head_object(Bucket="kept-alive", Key="a/b c.jpg")
+    missing = s3.list_objects_v2(Bucket="kept-alive", Prefix="nothing/")
+    queue = sqs.create_queue(QueueName="kept")["QueueUrl"]
+    sqs.send_message(QueueUrl=queue, MessageBody="hello")
+    received = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)
+
+    # THEN each answer is moto's, and the two clients opened one connection each
+    assert got == body
+    assert head["ContentLength"] == len(body) and head["Metadata"] == {"source-etag": "x"}
+    assert missing["KeyCount"] == 0
+    assert [m["Body"] for m in received["Messages"]] == ["hello"]
+    assert len(connections) == 2
+
+
+def test_a_chunked_request_body_is_read_whole_and_the_connection_serves_the_next(
+    server: tuple[str, list[int]],
+) -> None:
+    url, connections = server
+    s3 = client("s3", url)
+    s3.create_bucket(Bucket="chunked")
+    connection = http.client.HTTPConnection(url.removeprefix("http://"))
+
+    # WHEN bodies come in chunks, two requests on one connection (moto's S3 takes unsigned PUTs)
+    statuses = []
+    for key, chunks in (("one", [b"hello ", b"world"]), ("two", [b"again"])):
+        connection.request("PUT", f"/chunked/{key}", body=iter(chunks), encode_chunked=True)
+        response = connection.getresponse()
+        response.read()
+        statuses.append(response.status)
+
+    # THEN each object holds its chunks, and the two PUTs used one connection
+    assert statuses == [200, 200]
+    assert s3.get_object(Bucket="chunked", Key="one")["Body"].read() == b"hello world"
+    assert s3.get_object(Bucket="chunked", Key="two")["Body"].read() == b"again"
+    assert len(connections) == 2  # the boto3 client's, and this one
