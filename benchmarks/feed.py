@@ -16,6 +16,11 @@ Over the window it reports, per image:
   the moto server and the samplers (see :mod:`benchmarks.accounting`);
 * GIL-held ms of this process, by thread (**wall-clock** sampling, see :mod:`benchmarks.gil`);
 
+* the machine's speed at the time (``machine_reference_ms``): Pillow decoding, resizing (one
+  call) and cropping the row's JPEGs in one thread, thread CPU time, measured just before the
+  window, with code that is not the consumer's: the same development machine has read 2.0 ms one
+  day and 4-5 ms another, and figures from two runs compare only against it;
+
 and what follows from them: images/s one process can reach (``1000 / GIL ms``), images/s the
 vCPUs of a GPU instance can feed (``vCPUs * 1000 / CPU ms``), next to what its GPU takes, and
 images per dollar at on-demand prices.
@@ -106,6 +111,26 @@ def _bound_by(bound: float, process: float | None, cpu: float | None, gpu: float
     return "GPU"
 
 
+def machine_reference_ms(images: list[bytes], side: int, rounds: int = 3) -> float:
+    """Thread CPU ms to decode, resize (one Pillow call, bicubic) and crop one of ``images``: the
+    least of ``rounds`` passes, so that a busy moment does not count."""
+    import io
+
+    from PIL import Image
+
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.thread_time()
+        for data in images:
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            w, h = image.size
+            scale = int(side / 0.875) / min(w, h)
+            resized = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
+            resized.crop((0, 0, side, side)).tobytes()
+        best = min(best, (time.thread_time() - started) / len(images))
+    return round(1000 * best, 3)
+
+
 def feed_argv(args: argparse.Namespace, queue: str, dlq: str, output: str) -> list[str]:
     """The consumer's command line for the feed row: its defaults, the tiny model."""
     argv = [
@@ -115,6 +140,8 @@ def feed_argv(args: argparse.Namespace, queue: str, dlq: str, output: str) -> li
         *("--decode", args.decode, "--idle-exit", "0", "--metrics", "off"),
         *("--spot-watch", "off", "--seed", str(args.seed), "--log-level", "WARNING"),
     ]
+    if args.feed_layout == "shards":
+        argv += ["--layout", "shards", "--shard-rows", str(args.feed_shard_rows)]
     for name in ("receivers", "fetch_concurrency", "write_concurrency", "decode_workers"):
         value = getattr(args, name, None)
         if value:
@@ -134,9 +161,8 @@ def lower_priority(pid: int, niceness: int = 19) -> None:
 
 def _settled(worker: Any) -> int:
     s = worker.stats.summary()
-    return int(
-        s["images_written"] + s["images_replaced"] + s["images_skipped"] + s["images_failed"]
-    )
+    outcomes = ("written", "replaced", "sharded", "copied", "source_gone", "skipped", "failed")
+    return int(sum(s[f"images_{outcome}"] for outcome in outcomes))
 
 
 def _start_gil(method: str, rate: int) -> tuple[Any, str]:
@@ -181,10 +207,13 @@ def measure_feed(args: argparse.Namespace, out: Callable[[str], None]) -> dict[s
             tp.upload(s3, images)
             runtime = build_runtime(config)
             runtime.backbone.warm_up(config.batch_size)
+            reference = machine_reference_ms(images.data[:48], runtime.backbone.spec.height)
             clock = ModelClock()
             clock.attach(runtime.backbone)
             tp._enqueue(sqs, queue_url, images.keys)
-            return _run_window(runtime, clock, server, n, warm, total, args, out)
+            result = _run_window(runtime, clock, server, n, warm, total, args, out)
+            result["machine_reference_ms"] = reference
+            return result
     finally:
         server.stop()
 
@@ -279,6 +308,7 @@ def _run_window(
             "precision": runtime.backbone.precision,
             "batch_size": runtime.config.batch_size,
             "decode": runtime.config.decode,
+            "layout": runtime.config.layout,
             "s3_client": runtime.objects.name,
             "sqs_client": queue_client_name(runtime.work_queue.sqs),
             "warm_up_images": warm,
@@ -310,7 +340,8 @@ def format_feed(row: dict[str, Any]) -> str:
     gil = ", ".join(f"{k} {v}" for k, v in row["gil_ms_per_image_by_thread"].items())
     lines = [
         f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']},"
-        f" decode {row['decode']}, S3 client {row['s3_client']}, SQS client {row['sqs_client']}),"
+        f" decode {row['decode']}, layout {row.get('layout', 'files')}, S3 client"
+        f" {row['s3_client']}, SQS client {row['sqs_client']}),"
         f" {row['images']} 500x375 JPEGs"
         f" after {row['warm_up_images']} warm-up, SQS+S3 on moto",
         f"feed: {row['images_per_s']} images/s (wall-clock); CPU outside the model "
@@ -320,6 +351,12 @@ def format_feed(row: dict[str, Any]) -> str:
         f"feed: GIL held while running on a CPU {row['gil_on_cpu_ms_per_image']} ms/image "
         "(less the time its holders waited for a CPU, from schedstat)",
     ]
+    if row.get("machine_reference_ms"):
+        lines.append(
+            f"feed: this machine now: {row['machine_reference_ms']} ms to decode, resize and crop"
+            " one of these JPEGs in one thread (Pillow, not the consumer's code): compare runs"
+            " against it"
+        )
     if row["gil_note"]:
         lines.append(f"feed: GIL note: {row['gil_note']}")
     reqs = ", ".join(f"{k} {v}" for k, v in row["requests_per_image"].items())
@@ -368,6 +405,19 @@ def add_feed_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the feed row measures the GIL (auto: py-spy when it can attach, else probe)",
     )
     parser.add_argument("--gil-rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument(
+        "--feed-layout",
+        choices=("files", "shards"),
+        default="files",
+        help="feed row: the consumer's --layout (default files, one PUT per image)",
+    )
+    parser.add_argument(
+        "--feed-shard-rows",
+        type=int,
+        default=100,
+        help="feed row with --feed-layout shards: rows per shard (default 100, so that shards "
+        "are written inside the window; production's default is 10000)",
+    )
     parser.add_argument(
         "--moto-keep-alive",
         action=argparse.BooleanOptionalAction,

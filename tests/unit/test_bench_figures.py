@@ -19,7 +19,7 @@ from benchmarks.accounting import (
     native_group,
 )
 from benchmarks.costs import cost_table, image_cost, layout_requests, unpriced
-from benchmarks.feed import INSTANCES, ceilings
+from benchmarks.feed import INSTANCES, ceilings, feed_argv
 from benchmarks.gil import on_cpu_seconds, parse_raw
 
 RAW = """\
@@ -91,6 +91,17 @@ def test_rows_flag_runs_only_the_rows_named() -> None:
 
     # THEN every other measurement, decode alone included, is skipped
     assert set(throughput.SKIPPABLE) - args.skip == {"feed"}
+
+
+def test_the_feed_row_can_run_the_consumer_on_shards() -> None:
+    # WHEN the feed row is asked for the sharded layout
+    args = throughput.parse_args(["--rows", "feed", "--feed-layout", "shards"])
+    argv = feed_argv(args, "q", "dlq", "s3://out/feed/")
+
+    # THEN the consumer writes shards small enough to be written inside the window
+    assert argv[argv.index("--layout") + 1] == "shards"
+    assert argv[argv.index("--shard-rows") + 1] == "100"
+    assert "--layout" not in feed_argv(throughput.parse_args([]), "q", "dlq", "s3://out/f/")
 
 
 def test_rows_flag_rejects_an_unknown_row(capsys: pytest.CaptureFixture[str]) -> None:
