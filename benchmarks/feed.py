@@ -159,10 +159,16 @@ def lower_priority(pid: int, niceness: int = 19) -> None:
                 os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
 
 
+_SETTLED = ("written", "replaced", "sharded", "copied", "source_gone", "skipped", "failed")
+
+
+def settled_images(summary: dict[str, Any]) -> int:
+    """Images with an outcome in a worker's ``stats.summary()``: any layout, failures included."""
+    return int(sum(summary[f"images_{outcome}"] for outcome in _SETTLED))
+
+
 def _settled(worker: Any) -> int:
-    s = worker.stats.summary()
-    outcomes = ("written", "replaced", "sharded", "copied", "source_gone", "skipped", "failed")
-    return int(sum(s[f"images_{outcome}"] for outcome in outcomes))
+    return settled_images(worker.stats.summary())
 
 
 def _start_gil(method: str, rate: int) -> tuple[Any, str]:
@@ -340,7 +346,7 @@ def format_feed(row: dict[str, Any]) -> str:
     gil = ", ".join(f"{k} {v}" for k, v in row["gil_ms_per_image_by_thread"].items())
     lines = [
         f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']},"
-        f" decode {row['decode']}, layout {row.get('layout', 'files')}, S3 client"
+        f" decode {row['decode']}, layout {row['layout']}, S3 client"
         f" {row['s3_client']}, SQS client {row['sqs_client']}),"
         f" {row['images']} 500x375 JPEGs"
         f" after {row['warm_up_images']} warm-up, SQS+S3 on moto",
@@ -351,12 +357,11 @@ def format_feed(row: dict[str, Any]) -> str:
         f"feed: GIL held while running on a CPU {row['gil_on_cpu_ms_per_image']} ms/image "
         "(less the time its holders waited for a CPU, from schedstat)",
     ]
-    if row.get("machine_reference_ms"):
-        lines.append(
-            f"feed: this machine now: {row['machine_reference_ms']} ms to decode, resize and crop"
-            " one of these JPEGs in one thread (Pillow, not the consumer's code): compare runs"
-            " against it"
-        )
+    lines.append(
+        f"feed: this machine now: {row['machine_reference_ms']} ms to decode, resize and crop"
+        " one of these JPEGs in one thread (Pillow, not the consumer's code): compare runs"
+        " against it"
+    )
     if row["gil_note"]:
         lines.append(f"feed: GIL note: {row['gil_note']}")
     reqs = ", ".join(f"{k} {v}" for k, v in row["requests_per_image"].items())

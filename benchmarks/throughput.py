@@ -59,7 +59,7 @@ import numpy as np
 
 from benchmarks.accounting import CpuMeter, CpuReport, ModelClock, RssSampler
 from benchmarks.decode_pool import DecodePool
-from benchmarks.feed import add_feed_arguments, format_feed, measure_feed
+from benchmarks.feed import add_feed_arguments, format_feed, measure_feed, settled_images
 
 ROWS = ("model", "e2e", "compute-threads", "compute-processes", "naive", "feed")
 MAIN_ROWS = ROWS[:-1]
@@ -676,9 +676,7 @@ def measure_end_to_end(
     summary: dict[str, Any] = {}
     while time.monotonic() < deadline:
         summary = worker.stats.summary()
-        settled = summary["images_written"] + summary["images_replaced"]
-        settled += summary["images_skipped"] + summary["images_failed"]
-        if settled >= n and worker.inflight.empty() and worker.acker.idle():
+        if settled_images(summary) >= n and worker.inflight.empty() and worker.acker.idle():
             break
         time.sleep(0.05)
     else:

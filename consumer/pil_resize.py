@@ -45,10 +45,10 @@ class ResizeCrop:
             size = (int(self.short * w / h), self.short)
         top = round((size[1] - self.height) / 2.0)
         left = round((size[0] - self.width) / 2.0)
-        if self.resample == Image.Resampling.NEAREST or size == (w, h):
-            # torchvision returns the image itself when nothing changes
-            if size != (w, h):
-                image = image.resize(size, self.resample)
+        if size == (w, h):  # torchvision returns the image itself when nothing changes
+            return image.crop((left, top, left + self.width, top + self.height))
+        if self.resample == Image.Resampling.NEAREST:  # one lookup per pixel, not two passes
+            image = image.resize(size, self.resample)
             return image.crop((left, top, left + self.width, top + self.height))
         # Pillow resizes in two separable passes, horizontal then vertical, each rounding to
         # 8 bits; done as two calls, the columns the crop drops leave between the passes and the
