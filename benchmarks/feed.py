@@ -41,6 +41,7 @@ from typing import Any
 from benchmarks.accounting import NATIVE_GROUP, ModelClock
 from benchmarks.costs import cost_table, format_costs, unpriced
 from benchmarks.gil import GilReport, PySpyGil, RunQueueClock, gil_sampler, on_cpu_seconds
+from benchmarks.moto_keepalive import MotoServer
 from consumer.sqs_lean import queue_client_name
 
 FEED_MODEL = "test_vit"
@@ -194,7 +195,7 @@ def measure_feed(args: argparse.Namespace, out: Callable[[str], None]) -> dict[s
     from consumer.runtime import build_runtime
 
     n = args.feed_images
-    server = tp.MotoServer(args.moto_keep_alive)
+    server = MotoServer(args.moto_keep_alive)
     if args.feed_nice_moto:
         lower_priority(server.pid)
     try:

@@ -17,11 +17,14 @@ stdin closes.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -135,6 +138,70 @@ def serve(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer((host, port), MotoHandler)
     server.daemon_threads = True
     return server
+
+
+# --- the client side: the server in a child process, whose CPU is not the caller's --------
+_MOTO_SCRIPT = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+class MotoServer:
+    """moto's server on 127.0.0.1 in a child process: its CPU is not ours.
+
+    ``keep_alive`` (the default) serves kept-alive connections, as AWS does
+    (:mod:`benchmarks.moto_keepalive`); otherwise ``ThreadedMotoServer``, which closes every one.
+    """
+
+    def __init__(self, keep_alive: bool = True) -> None:
+        command = ["-m", "benchmarks.moto_keepalive"] if keep_alive else ["-c", _MOTO_SCRIPT]
+        self.keep_alive = keep_alive
+        self.proc = subprocess.Popen(
+            [sys.executable, *command],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],  # the repository: benchmarks is importable
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            self.stop()
+            raise RuntimeError(f"moto server did not start (said {line!r})")
+        self.url = f"http://127.0.0.1:{line}"
+
+    def __enter__(self) -> MotoServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def main() -> None:

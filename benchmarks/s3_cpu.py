@@ -1,6 +1,7 @@
 """CPU and GIL per S3 call: the consumer's boto3 client against its native (obstore) client.
 
-``python -m benchmarks.s3_cpu`` starts a moto server in a separate process (its CPU is not
+``python -m benchmarks.s3_cpu`` starts a moto server (kept-alive connections, as AWS keeps them:
+:mod:`benchmarks.moto_keepalive`) in a separate process (its CPU is not
 counted), then for each client and each of the hot path's calls (GET of a 100 KB image into
 memory, the create-only PUT of an 8 KB feature file with the contract's metadata, the HEAD that
 returns it) makes ``--warmup`` calls, then ``--calls`` measured ones, one at a time:
@@ -22,21 +23,17 @@ and all. Each figure is the lowest of ``--repeat`` rounds. Prints one table and,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import boto3
 
 from benchmarks.gil import PySpyGil, RunQueueClock, on_cpu_seconds, py_spy_path
+from benchmarks.moto_keepalive import MotoServer
 from consumer.objects import ObjectClient
 from consumer.objects.boto import BotoObjects
 from consumer.objects.native import NativeObjects
@@ -53,34 +50,6 @@ META = {
     "dtype": "float32",
     "fingerprint": "3f9a1c07d2e4b815",
 }
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """A moto server in its own process on a free loopback port; yields its URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("the moto server did not start") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def measure(call: Callable[[int], object], calls: int, warmup: int) -> dict[str, Any]:
@@ -142,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-bytes", type=int, default=100_000)
     parser.add_argument("--feature-bytes", type=int, default=8_192)
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument(
+        "--moto-keep-alive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve moto over kept-alive connections, as AWS does (default); without, every "
+        "call also connects and the figures carry the handshake",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -149,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     feature = os.urandom(args.feature_bytes)
     results: dict[str, dict[str, Any]] = {}
     load = os.getloadavg()
-    with moto_server() as url:
+    with MotoServer(keep_alive=args.moto_keep_alive) as server:
+        url = server.url
         s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
         s3.create_bucket(Bucket=BUCKET)
         s3.put_object(Bucket=BUCKET, Key="photos/cat.jpg", Body=image)

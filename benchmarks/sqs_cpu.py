@@ -37,7 +37,8 @@ from urllib.parse import urlsplit
 
 import boto3
 
-from benchmarks.s3_cpu import measure, moto_server
+from benchmarks.moto_keepalive import MotoServer
+from benchmarks.s3_cpu import measure
 from consumer.aws import make_clients
 from consumer.sqs_lean import LeanSQS
 
@@ -229,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     load = os.getloadavg()
-    with moto_server() as url:
+    # Straight to moto's own server, which closes every connection ("new"); "kept" goes
+    # through this module's keep-alive proxy in front of it.
+    with MotoServer(keep_alive=False) as server:
+        url = server.url
         setup = boto3.client("sqs", endpoint_url=url)
         kinds = ("new", "kept") if args.connections == "both" else (args.connections,)
         for kind in kinds:

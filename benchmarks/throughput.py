@@ -44,15 +44,12 @@ import os
 import platform
 import queue
 import resource
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,6 +57,7 @@ import numpy as np
 from benchmarks.accounting import CpuMeter, CpuReport, ModelClock, RssSampler
 from benchmarks.decode_pool import DecodePool
 from benchmarks.feed import add_feed_arguments, format_feed, measure_feed, settled_images
+from benchmarks.moto_keepalive import MotoServer
 
 ROWS = ("model", "e2e", "compute-threads", "compute-processes", "naive", "feed")
 MAIN_ROWS = ROWS[:-1]
@@ -198,64 +196,6 @@ def build_image_set(n: int, large_fraction: float, seed: int) -> ImageSet:
         data.append(cache[ident])
         sizes.append(size)
     return ImageSet(keys, data, sizes)
-
-
-# --- the moto server, in a child process ----------------------------------------------------
-_MOTO_SCRIPT = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print(server.get_host_and_port()[1], flush=True)
-sys.stdin.read()
-server.stop()
-"""
-
-
-class MotoServer:
-    """moto's server on 127.0.0.1 in a child process: its CPU is not ours.
-
-    ``keep_alive`` (the default) serves kept-alive connections, as AWS does
-    (:mod:`benchmarks.moto_keepalive`); otherwise ``ThreadedMotoServer``, which closes every one.
-    """
-
-    def __init__(self, keep_alive: bool = True) -> None:
-        command = ["-m", "benchmarks.moto_keepalive"] if keep_alive else ["-c", _MOTO_SCRIPT]
-        self.keep_alive = keep_alive
-        self.proc = subprocess.Popen(
-            [sys.executable, *command],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],  # the repository: benchmarks is importable
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if not line.isdigit():
-            self.stop()
-            raise RuntimeError(f"moto server did not start (said {line!r})")
-        self.url = f"http://127.0.0.1:{line}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def cpu_seconds(self) -> float:
-        import psutil
-
-        times = psutil.Process(self.pid).cpu_times()
-        return float(times.user + times.system)
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @contextlib.contextmanager
