@@ -46,6 +46,12 @@ from consumer.sqs_lean import queue_client_name
 
 FEED_MODEL = "test_vit"
 FEED_BATCH = 64
+# The consumer's --max-wait-ms in the feed row: long enough that every batch closes full. A fed GPU
+# (thousands of images/s) fills a batch of 64 in milliseconds, so its batches are always full;
+# this machine, held to about 10 images/s by the moto server, would close a batch of about two
+# images on the consumer's default 200 ms, and the row would charge every image the per-batch
+# costs (the forward's Python, collect, stack) of a batch thirty times smaller than a GPU's.
+FEED_MAX_WAIT_MS = 60_000
 # The benchmark's own threads: left out of CPU and GIL figures (the main thread only polls).
 BENCH_THREADS = ("main", "bench-rss", "bench-gil-probe")
 
@@ -138,6 +144,7 @@ def feed_argv(args: argparse.Namespace, queue: str, dlq: str, output: str) -> li
         *("--queue-url", queue, "--dead-letter-url", dlq, "--output", output),
         *("--model", FEED_MODEL, "--weights", "random", "--device", args.device),
         *("--precision", args.precision, "--batch-size", str(args.feed_batch_size)),
+        *("--max-wait-ms", str(args.feed_max_wait_ms)),
         *("--decode", args.decode, "--idle-exit", "0", "--metrics", "off"),
         *("--spot-watch", "off", "--seed", str(args.seed), "--log-level", "WARNING"),
     ]
@@ -166,6 +173,13 @@ _SETTLED = ("written", "replaced", "sharded", "copied", "source_gone", "skipped"
 def settled_images(summary: dict[str, Any]) -> int:
     """Images with an outcome in a worker's ``stats.summary()``: any layout, failures included."""
     return int(sum(summary[f"images_{outcome}"] for outcome in _SETTLED))
+
+
+def _per_batch(opened: dict[str, Any], closed: dict[str, Any]) -> float:
+    """Mean images per batch computed between two ``stats.summary()`` readings."""
+    batches = closed["batches"] - opened["batches"]
+    images = closed["images_computed"] - opened["images_computed"]
+    return round(images / batches, 1) if batches else 0.0
 
 
 def _settled(worker: Any) -> int:
@@ -269,16 +283,17 @@ def _run_window(
         counter.on = True
         run_queue.start()
         probe.start()
-        first = _settled(worker)
+        opened = worker.stats.summary()
+        first = settled_images(opened)
         out(f"feed: measuring {n} images ...")
         wait_for(first + n, "the window's end")
-        last = _settled(worker)
+        closed = worker.stats.summary()
+        last = settled_images(closed)
         seconds, report = probe.stop()
         ran_share = run_queue.stop()
         gil_report: GilReport = gil.stop()
         counter.on = False
         moto_cpu = server.cpu_seconds() - moto_before
-        wait_for(total, "the tail")
     finally:
         worker.request_stop("benchmark done")
         thread.join(timeout=60)
@@ -314,6 +329,8 @@ def _run_window(
             "device": str(runtime.backbone.device),
             "precision": runtime.backbone.precision,
             "batch_size": runtime.config.batch_size,
+            "max_wait_ms": runtime.config.max_wait_ms,
+            "images_per_batch": _per_batch(opened, closed),
             "decode": runtime.config.decode,
             "layout": runtime.config.layout,
             "s3_client": runtime.objects.name,
@@ -346,7 +363,8 @@ def format_feed(row: dict[str, Any]) -> str:
     stages = ", ".join(f"{k} {v}" for k, v in by_stage.items())
     gil = ", ".join(f"{k} {v}" for k, v in row["gil_ms_per_image_by_thread"].items())
     lines = [
-        f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']},"
+        f"feed: {row['model']} on {row['device']} ({row['precision']}, batch {row['batch_size']}"
+        f" (mean {row['images_per_batch']}, --max-wait-ms {row['max_wait_ms']}),"
         f" decode {row['decode']}, layout {row['layout']}, S3 client"
         f" {row['s3_client']}, SQS client {row['sqs_client']}),"
         f" {row['images']} 500x375 JPEGs"
@@ -404,6 +422,14 @@ def add_feed_arguments(parser: argparse.ArgumentParser) -> None:
         help="feed row: images done before the window opens (default: the in-flight cap)",
     )
     parser.add_argument("--feed-batch-size", type=int, default=FEED_BATCH)
+    parser.add_argument(
+        "--feed-max-wait-ms",
+        type=int,
+        default=FEED_MAX_WAIT_MS,
+        help="feed row: the consumer's --max-wait-ms (default %(default)s: batches close full, "
+        "as a fed GPU's do; the consumer's own default, 200, closes batches of about two "
+        "images at this machine's rate)",
+    )
     parser.add_argument(
         "--gil-method",
         default="auto",
