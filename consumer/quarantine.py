@@ -64,8 +64,17 @@ def max_receive_count(sqs: Any, queue_url: str) -> int | None:
 class Quarantine:
     """Shared by the receivers: whether to receive carefully, and the solo runs of suspects."""
 
-    def __init__(self, *, s3: Any, bucket: str, prefix: str, max_receives: int | None) -> None:
+    def __init__(
+        self,
+        *,
+        s3: Any,
+        bucket: str,
+        prefix: str,
+        max_receives: int | None,
+        on_solo: Callable[[], None] = lambda: None,
+    ) -> None:
         self.s3 = s3
+        self.on_solo = on_solo
         self.bucket = bucket
         self.prefix = prefix + MARKERS
         self.max_receives = max_receives
@@ -88,6 +97,7 @@ class Quarantine:
     def solo(self) -> Iterator[None]:
         with self._lock:
             self._solo += 1
+        self.on_solo()  # outside the lock: the batch queue's reader reads solo_active
         try:
             yield
         finally:

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import sys
 import threading
 import time
 
+from consumer.batch_queue import BatchQueue
 from consumer.dedupe import ContentIndex
 from consumer.inflight import InFlight
 from consumer.metrics import MetricsEmitter
@@ -78,7 +78,7 @@ class Worker:
         # Settled messages go to the acker; the lambda defers the lookup until it exists.
         self.inflight = InFlight(cfg.in_flight_limit, lambda action: self.acker.put(action))
         self.acker = Acker(work_queue=runtime.work_queue, inflight=self.inflight, stats=self.stats)
-        self.decoded: queue.Queue[ImageTask] = queue.Queue(maxsize=2 * cfg.batch_size)
+        self.decoded: BatchQueue[ImageTask] = BatchQueue(maxsize=2 * cfg.batch_size)
         content_index = (
             ContentIndex(runtime.objects, cfg.output.bucket, cfg.output.prefix, runtime.fingerprint)
             if cfg.dedupe == "content"
@@ -158,6 +158,8 @@ class Worker:
             bucket=cfg.output.bucket,
             prefix=cfg.output.prefix,
             max_receives=_max_receives(runtime),
+            # A suspect about to run alone: the batch being collected closes now.
+            on_solo=self.decoded.wake,
         )
         wait = LONG_POLL_SECONDS
         if cfg.idle_exit:
@@ -217,6 +219,7 @@ class Worker:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.receiving_stopped.set()
+        self.decoded.wake()  # a partial batch is computed now, not after --max-wait-ms
 
     def idle_for(self) -> float:
         """Seconds in which every receive came back empty and nothing was held; else 0.
@@ -247,6 +250,7 @@ class Worker:
     def shutdown(self, grace: float) -> None:
         """The shutdown protocol of the module docstring, steps 1 to 5."""
         self.receiving_stopped.set()  # 1
+        self.decoded.wake()
         finished = self.inflight.wait_empty(grace)  # 2
         for receiver in self.receivers:  # 3
             # A long poll ends within its wait; the margin covers a slow answer (SQS's read
@@ -265,6 +269,7 @@ class Worker:
                 extra={"fields": {"held": len(self.inflight.held()), "grace_s": grace}},
             )
         self.halted.set()  # 4
+        self.decoded.wake()
         self.inflight.release_unfinished()
         self.inflight.wait_empty(5.0)  # 5
         self.loader.shutdown()

@@ -9,13 +9,13 @@ halves, down to one image; the smaller size is kept for a while before growing a
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
+from consumer.batch_queue import BatchQueue
 from consumer.errors import TransientError, classify
 from consumer.gpu_decode import GpuBatchDecoder
 from consumer.inflight import InFlight
@@ -30,46 +30,32 @@ _GROW_AFTER = 50
 
 
 def collect(
-    source: queue.Queue[ImageTask],
+    source: BatchQueue[ImageTask],
     max_items: int,
     max_wait: float,
     halted: threading.Event,
     receiving_stopped: threading.Event | None = None,
     nothing_coming: Callable[[], bool] | None = None,
+    first_wait: float = 0.05,
 ) -> list[ImageTask]:
-    """Up to ``max_items`` tasks: wait briefly for the first, then at most ``max_wait`` for more.
+    """Up to ``max_items`` tasks: wait ``first_wait`` for the first, then at most ``max_wait``
+    for more.
 
-    Returns an empty list when nothing arrives within a short poll, so that the caller can
+    Returns an empty list when nothing arrives within ``first_wait``, so that the caller can
     finish the batch already on the device instead of holding it until more work comes. Once
     ``receiving_stopped`` is set, or ``nothing_coming()`` says so (a quarantined message runs
-    alone), it takes only what is
-    already there, so the graceful stop's grace period goes to computing, not waiting.
+    alone), or the worker is halted, it takes only what is already there, so the graceful stop's
+    grace period goes to computing, not waiting. Whoever sets one of these wakes ``source``.
     """
-    try:
-        first = source.get(timeout=0 if halted.is_set() else 0.05)
-    except queue.Empty:
-        return []
-    batch = [first]
-    deadline = time.monotonic() + max_wait
-    while len(batch) < max_items:
-        try:
-            batch.append(source.get_nowait())
-            continue
-        except queue.Empty:
-            pass
-        remaining = deadline - time.monotonic()
-        if (
-            remaining <= 0
+
+    def closing() -> bool:
+        return (
+            halted.is_set()
             or (receiving_stopped is not None and receiving_stopped.is_set())
             or (nothing_coming is not None and nothing_coming())
-        ):
-            break
-        try:
-            # In short slices, so that a stop is noticed while a long --max-wait-ms runs.
-            batch.append(source.get(timeout=min(remaining, 0.05)))
-        except queue.Empty:
-            continue
-    return batch
+        )
+
+    return source.take(max_items, max_wait, 0.0 if halted.is_set() else first_wait, closing)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -83,7 +69,7 @@ class Inference(threading.Thread):
         self,
         *,
         backbone: Backbone,
-        source: queue.Queue[ImageTask],
+        source: BatchQueue[ImageTask],
         sink: Callable[[ImageTask], None],
         inflight: InFlight,
         stats: Stats,
@@ -119,6 +105,9 @@ class Inference(threading.Thread):
                 self.halted,
                 self.receiving_stopped,
                 self.nothing_coming,
+                # With a batch on the device, finish it soon if nothing comes; with none, the
+                # wait can be long, as every reason to stop it wakes the queue.
+                first_wait=0.05 if previous is not None else 1.0,
             )
             if not batch:
                 if previous is not None:

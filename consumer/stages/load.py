@@ -8,12 +8,12 @@ batch queue; a full queue blocks the decoders, which is how a slow model pushes 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from bottleneck_contract.features import is_current
 from consumer import storage
+from consumer.batch_queue import BatchQueue
 from consumer.dedupe import ContentIndex, content_hash
 from consumer.errors import classify
 from consumer.inflight import InFlight
@@ -33,7 +33,7 @@ class Loader:
         *,
         s3: ObjectClient,
         inflight: InFlight,
-        out: queue.Queue[ImageTask],
+        out: BatchQueue[ImageTask],
         stats: Stats,
         halted: threading.Event,
         prepare: Preparer,
@@ -159,11 +159,8 @@ class Loader:
     def _hand_over(self, task: ImageTask) -> None:
         """To the batch queue; a full queue blocks here, which is how a slow model pushes back."""
         while not self.halted.is_set():
-            try:
-                self.out.put(task, timeout=0.2)
+            if self.out.put(task, timeout=0.2):
                 return None
-            except queue.Full:
-                continue
         return None  # halted: the message is released with its other unfinished images
 
     def _fail(self, task: ImageTask, exc: BaseException) -> None:

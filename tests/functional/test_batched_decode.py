@@ -8,7 +8,6 @@ those of the exact path within the issue's tolerance.
 
 from __future__ import annotations
 
-import queue
 import threading
 
 import numpy as np
@@ -16,6 +15,7 @@ import timm
 import torch
 
 from bottleneck_contract.messages import ImageRef
+from consumer.batch_queue import BatchQueue
 from consumer.decode import DecodeLimits
 from consumer.gpu_decode import GpuBatchDecoder, TorchvisionDecoder
 from consumer.inflight import InFlight
@@ -52,7 +52,7 @@ def test_a_micro_batch_is_decoded_on_the_device_and_a_bad_image_fails_alone() ->
     stats = Stats()
     inference = Inference(
         backbone=model,
-        source=queue.Queue(),
+        source=BatchQueue(8),
         sink=computed.append,
         inflight=InFlight(100, lambda action: None),
         stats=stats,
