@@ -27,6 +27,9 @@ class InFlight:
         self._messages: dict[str, Message] = {}
         self._images = 0
         self._reserved = 0  # slots granted to receives still in progress
+        # What each receiver waiting in reserve() needs: a resolved image wakes them only when
+        # one of them can go on, not on every image (each wake-up takes the GIL, per receiver).
+        self._needs: list[int] = []
         self.stopping = False
 
     # --- admission -------------------------------------------------------------------------
@@ -53,11 +56,15 @@ class InFlight:
         deadline = time.monotonic() + timeout
         need = max(1, min(wanted, self.limit))
         with self._cond:
-            while self._free() < need and not self.stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            self._needs.append(need)
+            try:
+                while self._free() < need and not self.stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            finally:
+                self._needs.remove(need)
             granted = min(wanted, self._free())
             self._reserved += granted
             return granted
@@ -121,7 +128,8 @@ class InFlight:
             self._images -= 1
             settle_now = message.pending == 0 and not message.settled
             message.settled = message.settled or settle_now
-            self._cond.notify_all()
+            if self._needs and self._free() >= min(self._needs):
+                self._cond.notify_all()
         if settle_now:
             self._settle(message)
 

@@ -67,3 +67,35 @@ def test_concurrent_receives_never_get_the_same_slots() -> None:
     assert (first, second) == (10, 5)
     inflight.unreserve(first + second)
     assert inflight.room() == 15
+
+
+def test_a_waiting_receive_is_woken_only_when_an_image_leaves_it_enough_room() -> None:
+    # GIVEN a cap of 48 with 45 images held (3 free), and a receive waiting for 10
+    inflight = InFlight(48, lambda action: None)
+    held = _hold(inflight, "a", 45)
+    wakeups = 0
+    notify_all = inflight._cond.notify_all
+
+    def counted() -> None:
+        nonlocal wakeups
+        wakeups += 1
+        notify_all()
+
+    inflight._cond.notify_all = counted  # type: ignore[method-assign]
+    granted: list[int] = []
+    receive = threading.Thread(target=lambda: granted.append(inflight.reserve(10, timeout=30)))
+    receive.start()
+    for _ in range(1000):  # until it waits
+        with inflight._cond:
+            if inflight._needs:
+                break
+        time.sleep(0.01)
+
+    # WHEN seven images finish, one by one
+    for image in held.images[:7]:
+        inflight.done(image, "written")
+    receive.join(timeout=10)
+
+    # THEN the six that left it short woke nobody; the seventh (10 free) woke it, once
+    assert granted == [10]
+    assert wakeups == 1
