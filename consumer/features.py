@@ -8,6 +8,7 @@ behind the numbers (summed up in ``fingerprint``), S3's key limit as a permanent
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -97,8 +98,16 @@ def metadata(
 
 
 def serialise(features: np.ndarray, dtype: str) -> bytes:
-    """The ``.npy`` bytes of ``features`` in ``dtype`` (loadable with ``allow_pickle=False``)."""
+    """The ``.npy`` bytes of ``features`` in ``dtype`` (loadable with ``allow_pickle=False``):
+    exactly what ``np.save`` writes, its header made once per shape and dtype (every image of
+    a run has the same), then the raw bytes."""
     array = np.ascontiguousarray(features, dtype=np.dtype(dtype))
+    return _npy_header(array.shape, array.dtype.str) + array.tobytes()
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
+    empty = np.zeros(shape, dtype=dtype)
     buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    np.lib.format.write_array(buffer, empty, allow_pickle=False)
+    return buffer.getvalue()[: len(buffer.getvalue()) - empty.nbytes]

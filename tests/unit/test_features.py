@@ -216,6 +216,18 @@ def test_serialise_round_trips_without_pickle(dtype: str) -> None:
     np.testing.assert_array_equal(loaded, features.astype(dtype))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [(192,), (2048,), (7, 3, 2), (0,)])
+def test_serialise_writes_what_np_save_writes(shape: tuple[int, ...], dtype: str) -> None:
+    # Its header is made once per shape and dtype: the bytes must still be np.save's, byte for
+    # byte, on the first call and on the next (rows of a batch are views, not owners).
+    batch = np.random.default_rng(1).standard_normal((3, *shape)).astype(np.float32)
+    for row in batch:
+        expected = io.BytesIO()
+        np.save(expected, row.astype(dtype), allow_pickle=False)
+        assert serialise(row, dtype) == expected.getvalue()
+
+
 def test_a_copys_metadata_names_its_own_image_within_2_kb() -> None:
     # GIVEN a feature file's metadata (--dedupe content copies it for identical bytes)
     original = {"source-bucket": "a", "source-key": "x.jpg", "source-etag": "e1", "model": "m"}
