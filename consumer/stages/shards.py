@@ -157,6 +157,7 @@ class ShardWriter:
         # Images sent down the pipeline and not yet here, by id: when none is left (once the
         # resolved ones are pruned), the shard being filled holds everything there is.
         self._upstream: dict[int, ImageTask] = {}
+        self._pruned_at = float("-inf")  # the last tick that pruned it (see tick)
         self._pool = ThreadPoolExecutor(flushers, thread_name_prefix="shard")
         self._halt = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="shard-tick", daemon=True)
@@ -235,7 +236,14 @@ class ShardWriter:
         partial = self.flush_partial()
         now = self.clock() if now is None else now
         with self._lock:
-            drained = self._drained()
+            # Whether everything is drained matters only for a partial flush: the walk over
+            # the images in flight is made then, and otherwise once a second to prune the
+            # failed ones, not twenty times a second (a cost per second that a slow stream of
+            # images paid per image).
+            drained = False
+            if partial or now - self._pruned_at >= 1.0:
+                drained = self._drained()
+                self._pruned_at = now
             shard = self._current
             if shard is None or self._closed:
                 return

@@ -325,6 +325,42 @@ def test_an_image_that_fails_on_its_way_is_not_waited_for() -> None:
     assert len(rig.store.shards()) == 1
 
 
+def test_ticks_walk_the_images_in_flight_only_for_a_partial_flush_or_once_a_second() -> None:
+    # GIVEN a writer not asked for partial shards, with failed images on their way (which only
+    # the walk prunes), and a count of the walks
+    partial = False
+    rig = Rig(shard_rows=10, flush_partial=lambda: partial)
+    for _ in range(3):
+        task = rig.image()
+        rig.writer.track(task)
+        rig.inflight.failed(task, Failure("truncated", "cut short", permanent=True))
+    walks = 0
+    drained = rig.writer._drained
+
+    def counted() -> bool:
+        nonlocal walks
+        walks += 1
+        return drained()
+
+    rig.writer._drained = counted  # type: ignore[method-assign]
+
+    # WHEN it ticks twenty times a second for two seconds
+    for _ in range(40):
+        rig.writer.tick()
+        rig.clock.now += 0.05
+    slow_walks = walks
+    pruned = not rig.writer._upstream
+
+    # THEN it walked about once a second (not forty times), and the failed images are pruned;
+    # asked for partial shards, it walks at every tick
+    assert slow_walks in (2, 3)
+    assert pruned
+    partial, walks = True, 0
+    for _ in range(5):
+        rig.writer.tick()
+    assert walks == 5
+
+
 def test_close_writes_the_partial_shard_and_takes_no_row_after() -> None:
     rig = Rig(shard_rows=10)
     rig.writer.submit(rig.image())
