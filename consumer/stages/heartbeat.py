@@ -57,6 +57,16 @@ class Heartbeat(threading.Thread):
             for message in messages:
                 message.visible_until = now + extension
             for message in stale:
+                if message.settled:
+                    # Its fate is decided and with the acker, whose delete most likely reached
+                    # SQS between this beat's look at what is held and its call (the receipt
+                    # handle of a deleted message is invalid): nothing is lost. A handle that
+                    # really went stale fails the acker's own call, which deals with it.
+                    log.debug(
+                        "a settled message's receipt handle is no longer valid",
+                        extra={"fields": {"message_id": message.message_id}},
+                    )
+                    continue
                 message.lost = True
                 log.warning(
                     "lost a message to a stale receipt handle; leaving it to its new holder",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
+
+import pytest
 
 from bottleneck_contract.messages import ImageRef
 from consumer.inflight import InFlight
@@ -58,6 +61,25 @@ def test_a_stale_handle_marks_the_message_lost() -> None:
 
     # Another worker owns it now: this one must neither write nor delete it.
     assert message.lost
+
+
+def test_a_settled_message_deleted_meanwhile_is_not_reported_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # GIVEN a settled message (its delete with the acker) and a beat that read it as held, and
+    # whose extension reaches SQS after the acker's delete: SQS calls its handle invalid
+    inflight = InFlight(100, lambda action: None)
+    message = _held(inflight, "deleted", visible_in=1)
+    inflight.done(message.images[0], "written")
+    assert message.settled
+
+    # WHEN the beat gets the answer
+    with caplog.at_level(logging.WARNING):
+        _beat(FakeQueue(stale={"handle-deleted"}), inflight)
+
+    # THEN nothing is said to be lost: no warning, and the message is not marked
+    assert not message.lost
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_nothing_is_held_past_the_twelve_hour_limit() -> None:
