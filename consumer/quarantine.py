@@ -71,10 +71,13 @@ class Quarantine:
         bucket: str,
         prefix: str,
         max_receives: int | None,
-        on_solo: Callable[[], None] = lambda: None,
+        on_pause: Callable[[], None] = lambda: None,
     ) -> None:
         self.s3 = s3
-        self.on_solo = on_solo
+        # Called (outside the lock) when receiving pauses until what is held settles: a suspect
+        # about to run alone, or serial receives starting. The batch being collected then
+        # closes now instead of waiting --max-wait-ms for images that cannot come.
+        self.on_pause = on_pause
         self.bucket = bucket
         self.prefix = prefix + MARKERS
         self.max_receives = max_receives
@@ -97,7 +100,7 @@ class Quarantine:
     def solo(self) -> Iterator[None]:
         with self._lock:
             self._solo += 1
-        self.on_solo()  # outside the lock: the batch queue's reader reads solo_active
+        self.on_pause()
         try:
             yield
         finally:
@@ -108,6 +111,12 @@ class Quarantine:
     def solo_active(self) -> bool:
         with self._lock:
             return self._solo > 0
+
+    @property
+    def nothing_coming(self) -> bool:
+        """No receive until what is held settles: a suspect runs alone, or receives are serial."""
+        with self._lock:
+            return self._solo > 0 or (self._careful and self._serial)
 
     @contextlib.contextmanager
     def waiting(self, message: Message) -> Iterator[None]:
@@ -147,7 +156,8 @@ class Quarantine:
         decoded, came back without having run alone, and with ``maxReceiveCount`` 3 good
         images and poison alike reached the dead-letter queue without a reason. Serial
         receives cost a little: they last until ``CAREFUL_STREAK`` fresh messages in a row
-        (each waits ``--max-wait-ms`` for a batch of one), and only where redeliveries come.
+        (each computed in a batch of its own, closed at once: :attr:`nothing_coming`), and
+        only where redeliveries come.
         """
         with self._lock:
             careful, serial = self._careful, self._serial
@@ -171,12 +181,16 @@ class Quarantine:
         """Update the careful state after a receive."""
         with self._lock:
             if any(is_suspect(m) for m in messages):
+                pausing = not (self._careful and self._serial)
                 self._careful, self._serial, self._streak = True, True, 0
-                return
-            self._streak += len(messages)
-            if self._careful and self._streak >= CAREFUL_STREAK:
-                self._careful = self._serial = False
-                log.info("no more redeliveries seen; receiving in full batches again")
+            else:
+                pausing = False
+                self._streak += len(messages)
+                if self._careful and self._streak >= CAREFUL_STREAK:
+                    self._careful = self._serial = False
+                    log.info("no more redeliveries seen; receiving in full batches again")
+        if pausing:
+            self.on_pause()
 
     @property
     def careful(self) -> bool:

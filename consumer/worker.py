@@ -145,7 +145,7 @@ class Worker:
             max_wait=cfg.max_wait_ms / 1000,
             halted=self.halted,
             receiving_stopped=self.receiving_stopped,
-            nothing_coming=lambda: self.quarantine.solo_active,
+            nothing_coming=lambda: self.quarantine.nothing_coming,
             batch_decoder=runtime.batch_decoder,
         )
         self.heartbeat = Heartbeat(
@@ -158,8 +158,7 @@ class Worker:
             bucket=cfg.output.bucket,
             prefix=cfg.output.prefix,
             max_receives=_max_receives(runtime),
-            # A suspect about to run alone: the batch being collected closes now.
-            on_solo=self.decoded.wake,
+            on_pause=self.decoded.wake,
         )
         wait = LONG_POLL_SECONDS
         if cfg.idle_exit:

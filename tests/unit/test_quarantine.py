@@ -132,3 +132,33 @@ def test_receivers_hold_back_while_a_suspect_waits_or_runs() -> None:
     with q.solo(), q.solo():
         assert q.solo_active
     assert not q.solo_active
+
+
+def test_nothing_comes_while_a_suspect_runs_or_receives_are_serial_and_the_batch_is_told() -> None:
+    # GIVEN a fresh worker (careful, not serial) that counts the pauses it announces
+    pauses: list[str] = []
+    q = Quarantine(
+        s3=None,
+        bucket="feats",
+        prefix="v1/",
+        max_receives=3,
+        on_pause=lambda: pauses.append("nothing coming" if q.nothing_coming else "?"),
+    )
+    fresh_start = q.nothing_coming
+
+    # WHEN a suspect runs alone
+    with q.solo():
+        during_solo = q.nothing_coming
+    after_solo = q.nothing_coming
+    # AND a suspect is received (serial receives start), then another while serial
+    q.saw([message("again", receive_count=2)])
+    serial = q.nothing_coming
+    q.saw([message("once more", receive_count=3)])
+    # AND a streak of fresh messages ends the careful receives
+    q.saw([message(str(i)) for i in range(CAREFUL_STREAK)])
+
+    # THEN receiving was paused during the solo run and while serial, each pause announced once
+    # and after its state changed (the batch queue's reader checks it when woken)
+    assert (fresh_start, during_solo, after_solo, serial) == (False, True, False, True)
+    assert not q.nothing_coming
+    assert pauses == ["nothing coming", "nothing coming"]
