@@ -44,8 +44,9 @@ def collect(
     Returns an empty list when nothing arrives within ``first_wait``, so that the caller can
     finish the batch already on the device instead of holding it until more work comes. Once
     ``receiving_stopped`` is set, or ``nothing_coming()`` says so (receiving waits for what is
-    held to settle: a suspect runs alone, or receives are serial), or the worker is halted, it takes only what is already there, so the graceful stop's
-    grace period goes to computing, not waiting. Whoever sets one of these wakes ``source``.
+    held to settle: a suspect runs alone, or receives are serial), or the worker is halted, it
+    takes only what is already there, so the graceful stop's grace period goes to computing, not
+    waiting. Whoever sets one of these wakes ``source``.
     """
 
     def closing() -> bool:
