@@ -331,6 +331,13 @@ def _run_window(
             "batch_size": runtime.config.batch_size,
             "max_wait_ms": runtime.config.max_wait_ms,
             "images_per_batch": _per_batch(opened, closed),
+            # What became of the window's images: redeliveries show up as skipped.
+            "outcomes_in_window": {
+                key: closed[key] - opened[key]
+                for key in (f"images_{outcome}" for outcome in _SETTLED)
+                if closed[key] != opened[key]
+            },
+            "messages_in_window": closed["messages"] - opened["messages"],
             "decode": runtime.config.decode,
             "layout": runtime.config.layout,
             "s3_client": runtime.objects.name,
