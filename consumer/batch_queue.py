@@ -55,10 +55,6 @@ class BatchQueue(Generic[T]):
         with self._lock:
             self._ready.notify_all()
 
-    def qsize(self) -> int:
-        with self._lock:
-            return len(self._items)
-
     def take(
         self,
         max_items: int,

@@ -110,4 +110,5 @@ def _npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
     empty = np.zeros(shape, dtype=dtype)
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, empty, allow_pickle=False)
-    return buffer.getvalue()[: len(buffer.getvalue()) - empty.nbytes]
+    whole = buffer.getvalue()
+    return whole[: len(whole) - empty.nbytes]

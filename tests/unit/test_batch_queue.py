@@ -77,7 +77,7 @@ def test_a_partial_batch_is_taken_when_its_wait_is_over() -> None:
     q: BatchQueue[int] = BatchQueue(maxsize=4)
     q.put(7, timeout=0)
     assert q.take(max_items=4, max_wait=0.01, first_wait=0.0) == [7]
-    assert q.qsize() == 0
+    assert q.take(max_items=4, max_wait=0.0, first_wait=0.0) == []
 
 
 def test_a_wake_after_a_stop_reason_is_set_ends_the_wait_with_what_is_there() -> None:
