@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from consumer.errors import Failure
+from consumer.quarantine import is_suspect
 from consumer.settle import Action, decide
 from consumer.work import ImageTask, Message
 
@@ -147,6 +148,17 @@ class InFlight:
             self._cond.notify_all()
 
     # --- views -----------------------------------------------------------------------------
+    def vouches_for(self, message: Message) -> bool:
+        """Whether this worker holds an earlier copy of ``message`` that it runs with others (not
+        a suspect itself): the redelivery then owes nothing to a consumer that died.
+
+        Without this, every duplicate SQS delivers (at least once, to any receiver) and every
+        copy whose visibility ran out here made the receivers careful and serial for
+        ``CAREFUL_STREAK`` messages, each computed in a batch of its own."""
+        with self._cond:
+            previous = self._messages.get(message.message_id)
+        return previous is not None and previous is not message and not is_suspect(previous)
+
     def held(self) -> list[Message]:
         with self._cond:
             return list(self._messages.values())

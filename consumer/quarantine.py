@@ -7,8 +7,11 @@ offender would take fresh neighbours down with it again and again until ``maxRec
 them all to the dead-letter queue without a reason. So:
 
 - A *suspect* is a message received before (``ApproximateReceiveCount`` > 1) that this worker
-  did not release itself. It runs alone: the receiver waits until nothing else is in flight,
-  runs it, and receives nothing more until it is settled.
+  did not release itself, and of which it holds no earlier copy: a copy still held here (SQS
+  delivered the message twice, or its visibility ran out while it waited) says that no consumer
+  died with it (:meth:`consumer.inflight.InFlight.vouches_for`). A suspect runs alone: the
+  receiver waits until nothing else is in flight, runs it, and receives nothing more until it
+  is settled.
 - Before a suspect runs alone, a marker object is written under the output prefix
   (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. Its
   body counts the times the message was running alone when a consumer died. A suspect whose
@@ -254,4 +257,6 @@ class Quarantine:
 
 
 def is_suspect(message: Message) -> bool:
-    return message.receive_count > 1
+    """Received before, and not while this worker still held an earlier copy of it outside a
+    solo run: only a receive count raised by a consumer that died is evidence against it."""
+    return message.receive_count > 1 and not message.vouched

@@ -156,6 +156,8 @@ class Receiver(threading.Thread):
             for message in messages:
                 self._accept(message)
         else:
+            for message in messages:
+                message.vouched = message.receive_count > 1 and self.inflight.vouches_for(message)
             self.quarantine.saw(messages)
             suspects = [m for m in messages if is_suspect(m)]
             for message in messages:

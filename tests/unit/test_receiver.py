@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from consumer.inflight import InFlight
-from consumer.quarantine import Quarantine
+from consumer.quarantine import CAREFUL_STREAK, Quarantine
 from consumer.stages.receive import Receiver, build_tasks
 from consumer.stats import Stats
 from consumer.work import Message
@@ -303,3 +303,69 @@ def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled
     assert not receivers[0].is_alive()
     assert [m.settled for m in work_queue.returned] == [True] * 6
     assert work_queue.beside_unsettled == []
+
+
+class Redelivers:
+    """A work queue that returns, once, a second copy of a message (receive count 2)."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+
+    def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
+        body = '{"bucket": "b", "key": "k"}'
+        return [Message(self.message_id, "h2", body, 2, 0.0, 300.0)]
+
+    def change_visibility(self, messages: list[Message], seconds: int) -> list[Message]:
+        return []
+
+
+def test_a_second_copy_of_a_message_this_worker_holds_is_not_a_suspect() -> None:
+    # GIVEN a worker past its careful start (full receives) that holds copy 1 of a message,
+    # its image still being computed, and a quarantine that would run any suspect alone
+    stop = threading.Event()
+    dispatched: list[Any] = []
+    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
+    quarantine.saw([Message(str(i), "h", "{}", 1, 0.0, 60.0) for i in range(CAREFUL_STREAK)])
+    receiver = receiver_for(Redelivers("m"), stop)
+    receiver.quarantine = quarantine
+
+    def dispatch(task: Any) -> None:  # computed at once
+        dispatched.append(task)
+        receiver.inflight.done(task, "written")
+
+    receiver.dispatch = dispatch
+    first = Message("m", "h1", '{"bucket": "b", "key": "k"}', 1, 0.0, 300.0)
+    build_tasks(first, "v1/")
+    assert receiver.inflight.register(first)
+
+    # WHEN SQS delivers it again (a duplicate, or its visibility ran out here)
+    receiver._poll(10)
+
+    # THEN no consumer died with it: the new copy runs with the others at once (no marker, no
+    # solo run, no serial receives), and it supersedes the copy held before
+    assert [task.message.receipt_handle for task in dispatched] == ["h2"]
+    assert quarantine.careful is False and not quarantine.nothing_coming
+    assert first.lost and receiver.inflight.held()[0].receipt_handle == "h2"
+
+
+def test_a_second_copy_of_a_suspect_this_worker_holds_stays_a_suspect() -> None:
+    # GIVEN a worker holding a suspect (received after a consumer died), and a fresh message
+    inflight = InFlight(40, lambda action: None)
+    held_suspect = Message("s", "h1", "{}", 2, 0.0, 300.0)
+    fresh = Message("f", "h1", "{}", 1, 0.0, 300.0)
+    inflight.register(held_suspect)  # no images: settled at once, held until acknowledged
+    inflight.register(fresh)
+
+    # WHEN each comes again, and a message this worker never held comes with count 2
+    again_suspect = Message("s", "h2", "{}", 3, 0.0, 300.0)
+    again_fresh = Message("f", "h2", "{}", 2, 0.0, 300.0)
+    never_held = Message("n", "h2", "{}", 2, 0.0, 300.0)
+
+    # THEN only the copy of a message that ran with others is vouched for: the others are
+    # evidence of a consumer that died (the held copy is not a copy of itself)
+    assert [inflight.vouches_for(m) for m in (again_suspect, again_fresh, never_held)] == [
+        False,
+        True,
+        False,
+    ]
+    assert not inflight.vouches_for(fresh)
