@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from consumer.errors import Failure
 from consumer.quarantine import is_suspect
-from consumer.settle import Action, decide
+from consumer.settle import Action, Verdict, decide
 from consumer.work import ImageTask, Message
+
+# Messages released here (a transient failure) remembered so that their return is not taken for
+# a crash's: about 100 bytes each, so a few MB at most, far more than a worker releases within
+# one release delay (at most 15 minutes).
+RELEASES_REMEMBERED = 50_000
 
 
 class InFlight:
@@ -31,6 +37,8 @@ class InFlight:
         # What each receiver waiting in reserve() needs: a resolved image wakes them only when
         # one of them can go on, not on every image (each wake-up takes the GIL, per receiver).
         self._needs: list[int] = []
+        # Message id -> its receive count when this worker released it (see vouches_for).
+        self._released: OrderedDict[str, int] = OrderedDict()
         self.stopping = False
 
     # --- admission -------------------------------------------------------------------------
@@ -136,7 +144,14 @@ class InFlight:
 
     def _settle(self, message: Message) -> None:
         message.settled = True
-        self._on_settle(decide(message, stopping=self.stopping))
+        action = decide(message, stopping=self.stopping)
+        if action.verdict is Verdict.RELEASE and not self.stopping and not is_suspect(message):
+            with self._cond:
+                self._released[message.message_id] = message.receive_count
+                self._released.move_to_end(message.message_id)
+                if len(self._released) > RELEASES_REMEMBERED:
+                    self._released.popitem(last=False)
+        self._on_settle(action)
 
     def forget(self, message: Message) -> None:
         """The acker finished with ``message`` (deleted, dead-lettered, released or dropped)."""
@@ -149,15 +164,22 @@ class InFlight:
 
     # --- views -----------------------------------------------------------------------------
     def vouches_for(self, message: Message) -> bool:
-        """Whether this worker holds an earlier copy of ``message`` that it runs with others (not
-        a suspect itself): the redelivery then owes nothing to a consumer that died.
+        """Whether this worker can tell that no consumer died with ``message`` since its last
+        receive: it holds the copy received just before (SQS delivered it twice, or that copy's
+        visibility ran out here), or it released that copy itself after a transient failure;
+        that copy ran with others (not a suspect), and nobody received the message in between
+        (its receive count is one more). The redelivery is then no crash survivor.
 
-        Without this, every duplicate SQS delivers (at least once, to any receiver) and every
-        copy whose visibility ran out here made the receivers careful and serial for
-        ``CAREFUL_STREAK`` messages, each computed in a batch of its own."""
+        Without this, every duplicate SQS delivers, every copy whose visibility ran out here and
+        every message released after throttling made the receivers careful and serial for
+        ``CAREFUL_STREAK`` messages, each computed in a batch of its own: a throttling burst
+        slowed the recovery from it to one message at a time."""
         with self._cond:
             previous = self._messages.get(message.message_id)
-        return previous is not None and previous is not message and not is_suspect(previous)
+            released_at = self._released.get(message.message_id)
+        if previous is not None and previous is not message:
+            return not is_suspect(previous) and message.receive_count == previous.receive_count + 1
+        return released_at is not None and message.receive_count == released_at + 1
 
     def held(self) -> list[Message]:
         with self._cond:

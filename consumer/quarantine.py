@@ -6,12 +6,12 @@ decoding crashes. Everything it held then comes back with its receive count rais
 offender would take fresh neighbours down with it again and again until ``maxReceiveCount`` sent
 them all to the dead-letter queue without a reason. So:
 
-- A *suspect* is a message received before (``ApproximateReceiveCount`` > 1) that this worker
-  did not release itself, and of which it holds no earlier copy: a copy still held here (SQS
-  delivered the message twice, or its visibility ran out while it waited) says that no consumer
-  died with it (:meth:`consumer.inflight.InFlight.vouches_for`). A suspect runs alone: the
-  receiver waits until nothing else is in flight, runs it, and receives nothing more until it
-  is settled.
+- A *suspect* is a message received before (``ApproximateReceiveCount`` > 1) for which this
+  worker cannot vouch: a copy it still holds (SQS delivered the message twice, or that copy's
+  visibility ran out while it waited) or released itself after a transient failure, received
+  just before and run with others, says that no consumer died with it
+  (:meth:`consumer.inflight.InFlight.vouches_for`). A suspect runs alone: the receiver waits
+  until nothing else is in flight, runs it, and receives nothing more until it is settled.
 - Before a suspect runs alone, a marker object is written under the output prefix
   (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. Its
   body counts the times the message was running alone when a consumer died. A suspect whose

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+from consumer import inflight as inflight_module
+from consumer.errors import Failure
 from consumer.inflight import InFlight
 from consumer.quarantine import CAREFUL_STREAK, Quarantine
 from consumer.stages.receive import Receiver, build_tasks
@@ -369,3 +371,46 @@ def test_a_second_copy_of_a_suspect_this_worker_holds_stays_a_suspect() -> None:
         False,
     ]
     assert not inflight.vouches_for(fresh)
+
+
+def _release(inflight: InFlight, message_id: str, receive_count: int) -> None:
+    """Receive, fail transiently (throttling) and release a one-image message."""
+    message = Message(message_id, "h1", '{"bucket": "b", "key": "k"}', receive_count, 0.0, 300.0)
+    build_tasks(message, "v1/")
+    assert inflight.register(message)
+    inflight.failed(message.images[0], Failure("throttled", "SlowDown", permanent=False))
+    inflight.forget(message)  # the acker released it
+
+
+def test_a_message_this_worker_released_comes_back_vouched_for_once_and_only_by_it() -> None:
+    # GIVEN a worker that released three messages after transient failures (throttling): two
+    # that ran with others, one that was a suspect running alone
+    inflight = InFlight(40, lambda action: None)
+    for message_id, count in (("a", 1), ("b", 1), ("s", 2)):
+        _release(inflight, message_id, count)
+
+    # WHEN they come back: "a" with its count one higher, "b" two higher (another consumer
+    # received it in between, and may have died with it), "s" one higher
+    again = [
+        Message("a", "h2", "{}", 2, 0.0, 300.0),
+        Message("b", "h2", "{}", 3, 0.0, 300.0),
+        Message("s", "h2", "{}", 3, 0.0, 300.0),
+    ]
+
+    # THEN only "a" is vouched for: "s" had not proven itself (its failure may have come before
+    # its decode), "b" went through another consumer's hands
+    assert [inflight.vouches_for(m) for m in again] == [True, False, False]
+
+
+def test_the_memory_of_releases_is_bounded(monkeypatch: Any) -> None:
+    # GIVEN a worker that remembers two releases
+    monkeypatch.setattr(inflight_module, "RELEASES_REMEMBERED", 2)
+    inflight = InFlight(40, lambda action: None)
+
+    # WHEN it releases three messages
+    for message_id in ("first", "second", "third"):
+        _release(inflight, message_id, 1)
+
+    # THEN the oldest is forgotten (it would come back as a suspect), the others are not
+    back = [Message(m, "h2", "{}", 2, 0.0, 300.0) for m in ("first", "second", "third")]
+    assert [inflight.vouches_for(m) for m in back] == [False, True, True]
