@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import threading
 import time
@@ -364,6 +365,16 @@ def _run_window(
     return result
 
 
+def sampling_error(row: dict[str, Any]) -> str:
+    """py-spy's GIL figure counts samples: with n of them, one standard error is 1/sqrt(n) of
+    the figure from sampling alone (a 10 s window at 100 Hz holds only tens; ``--gil-rate`` or
+    ``--feed-images`` buys more). Empty for the probe, whose error is of another kind."""
+    samples = row.get("gil_samples") or 0
+    if row.get("gil_method") != "py-spy" or samples <= 0:
+        return ""
+    return f"; {samples} samples, +-{100 / math.sqrt(samples):.0f} % from sampling alone"
+
+
 def format_feed(row: dict[str, Any]) -> str:
     """The feed row's details and its ceiling table, as printed by ``make bench``."""
     by_stage = row["outside_model_cpu_ms_per_image_by_stage"]
@@ -379,7 +390,7 @@ def format_feed(row: dict[str, Any]) -> str:
         f"feed: {row['images_per_s']} images/s (wall-clock); CPU outside the model "
         f"{row['outside_model_cpu_ms_per_image']} ms/image (CPU time): {stages}",
         f"feed: GIL held {row['gil_ms_per_image']} ms/image by this process ({row['gil_method']},"
-        f" wall-clock){': ' + gil if gil else ''}",
+        f" wall-clock{sampling_error(row)}){': ' + gil if gil else ''}",
         f"feed: GIL held while running on a CPU {row['gil_on_cpu_ms_per_image']} ms/image "
         "(less the time its holders waited for a CPU, from schedstat)",
     ]

@@ -19,7 +19,7 @@ from benchmarks.accounting import (
     native_group,
 )
 from benchmarks.costs import cost_table, image_cost, layout_requests, unpriced
-from benchmarks.feed import INSTANCES, ceilings, feed_argv
+from benchmarks.feed import INSTANCES, ceilings, feed_argv, sampling_error
 from benchmarks.gil import on_cpu_seconds, parse_raw
 
 RAW = """\
@@ -197,3 +197,13 @@ def _ceiling_row() -> dict[str, object]:
         "gpu_images_per_s": 2000,
         "bound_images_per_s": 1000,
     }
+
+
+def test_the_gil_figure_names_its_sampling_error_when_py_spy_counted_it() -> None:
+    # 25 samples: one standard error is a fifth of the figure; the probe and an empty window
+    # name none (the probe's error is of another kind)
+    assert sampling_error({"gil_method": "py-spy", "gil_samples": 25}).endswith(
+        "25 samples, +-20 % from sampling alone"
+    )
+    assert sampling_error({"gil_method": "probe", "gil_samples": 25}) == ""
+    assert sampling_error({"gil_method": "py-spy", "gil_samples": 0}) == ""
