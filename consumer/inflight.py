@@ -19,9 +19,13 @@ from consumer.settle import Action, Verdict, decide
 from consumer.work import ImageTask, Message
 
 # Messages released here (a transient failure) remembered so that their return is not taken for
-# a crash's: about 100 bytes each, so a few MB at most, far more than a worker releases within
-# one release delay (at most 15 minutes).
+# a crash's: about 200 bytes each, so about 10 MB at most. The oldest are forgotten first; a
+# forgotten one comes back as a suspect, as every redelivery did before.
 RELEASES_REMEMBERED = 50_000
+# Transient failures that say nothing about the image's safety: the consumer itself may be in
+# danger (a MemoryError in this process is the out-of-memory killer's next victim; an exception
+# nobody expected), so such a release is not remembered and its return stays a suspect.
+UNSAFE_FAILURES = frozenset({"out-of-memory", "internal"})
 
 
 class InFlight:
@@ -145,13 +149,27 @@ class InFlight:
     def _settle(self, message: Message) -> None:
         message.settled = True
         action = decide(message, stopping=self.stopping)
-        if action.verdict is Verdict.RELEASE and not self.stopping and not is_suspect(message):
+        if self._harmless_release(action):
             with self._cond:
                 self._released[message.message_id] = message.receive_count
                 self._released.move_to_end(message.message_id)
                 if len(self._released) > RELEASES_REMEMBERED:
                     self._released.popitem(last=False)
         self._on_settle(action)
+
+    def _harmless_release(self, action: Action) -> bool:
+        """A release decided for ``action.message`` after external trouble (throttling, 5xx,
+        a conflict), while it ran with others: its return need not run alone."""
+        message = action.message
+        return (
+            action.verdict is Verdict.RELEASE
+            and not self.stopping
+            and not is_suspect(message)
+            and not any(
+                task.failure is not None and task.failure.error_code in UNSAFE_FAILURES
+                for task in message.images
+            )
+        )
 
     def forget(self, message: Message) -> None:
         """The acker finished with ``message`` (deleted, dead-lettered, released or dropped)."""
@@ -166,9 +184,12 @@ class InFlight:
     def vouches_for(self, message: Message) -> bool:
         """Whether this worker can tell that no consumer died with ``message`` since its last
         receive: it holds the copy received just before (SQS delivered it twice, or that copy's
-        visibility ran out here), or it released that copy itself after a transient failure;
-        that copy ran with others (not a suspect), and nobody received the message in between
-        (its receive count is one more). The redelivery is then no crash survivor.
+        visibility ran out here), or it decided to release that copy after an external transient
+        failure (throttling, a 5xx; not out-of-memory, nor an unexpected exception); that copy
+        ran with others (not a suspect), and nobody received the message in between (its
+        receive count is one more: this relies on ``ApproximateReceiveCount`` counting every
+        receive). The redelivery is then no crash survivor. Whether it may skip its solo run
+        near ``maxReceiveCount`` is the quarantine's call (:meth:`Quarantine.may_vouch`).
 
         Without this, every duplicate SQS delivers, every copy whose visibility ran out here and
         every message released after throttling made the receivers careful and serial for

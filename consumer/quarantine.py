@@ -10,7 +10,8 @@ them all to the dead-letter queue without a reason. So:
   worker cannot vouch: a copy it still holds (SQS delivered the message twice, or that copy's
   visibility ran out while it waited) or released itself after a transient failure, received
   just before and run with others, says that no consumer died with it
-  (:meth:`consumer.inflight.InFlight.vouches_for`). A suspect runs alone: the receiver waits
+  (:meth:`consumer.inflight.InFlight.vouches_for`), while two receives are left before
+  ``maxReceiveCount`` (:meth:`Quarantine.may_vouch`). A suspect runs alone: the receiver waits
   until nothing else is in flight, runs it, and receives nothing more until it is settled.
 - Before a suspect runs alone, a marker object is written under the output prefix
   (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. Its
@@ -176,6 +177,13 @@ class Quarantine:
         finally:
             self._poll.release()
 
+    def may_vouch(self, message: Message) -> bool:
+        """Whether a redelivery this worker vouches for may run with others: only while two
+        receives are left after this one. If it does crash the consumer among others, it then
+        still has a solo run (which dies, leaving the marker) and a receive that convicts it as
+        ``crashed``; nearer ``maxReceiveCount`` SQS would dead-letter it without a reason."""
+        return self.max_receives is None or message.receive_count <= self.max_receives - 2
+
     def receive_size(self, room: int) -> int:
         with self._lock:
             return min(room, 1) if self._careful else room
@@ -257,6 +265,6 @@ class Quarantine:
 
 
 def is_suspect(message: Message) -> bool:
-    """Received before, and not while this worker still held an earlier copy of it outside a
-    solo run: only a receive count raised by a consumer that died is evidence against it."""
+    """Received before, and not vouched for (:meth:`consumer.inflight.InFlight.vouches_for`):
+    only a receive count that a consumer's death may have raised is evidence against it."""
     return message.receive_count > 1 and not message.vouched

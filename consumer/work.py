@@ -30,9 +30,9 @@ class Message:
     # Images not yet resolved, and whether the settlement decision has been taken.
     pending: int = 0
     settled: bool = False
-    # A redelivery while this worker still holds an earlier copy it runs with others (SQS
-    # delivered it again, or its visibility ran out here): no consumer died with it, so it is
-    # not a quarantine suspect (see :func:`consumer.quarantine.is_suspect`).
+    # A redelivery this worker can vouch for (it holds the copy received just before, or
+    # released it after throttling or a 5xx, that copy having run with others): no consumer
+    # died with it, so it is not a quarantine suspect (see :func:`consumer.quarantine.is_suspect`).
     vouched: bool = False
 
 

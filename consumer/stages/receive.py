@@ -157,7 +157,11 @@ class Receiver(threading.Thread):
                 self._accept(message)
         else:
             for message in messages:
-                message.vouched = message.receive_count > 1 and self.inflight.vouches_for(message)
+                message.vouched = (
+                    message.receive_count > 1
+                    and self.quarantine.may_vouch(message)
+                    and self.inflight.vouches_for(message)
+                )
             self.quarantine.saw(messages)
             suspects = [m for m in messages if is_suspect(m)]
             for message in messages:

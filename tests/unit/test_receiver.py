@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from consumer import inflight as inflight_module
 from consumer.errors import Failure
 from consumer.inflight import InFlight
@@ -321,12 +323,34 @@ class Redelivers:
         return []
 
 
-def test_a_second_copy_of_a_message_this_worker_holds_is_not_a_suspect() -> None:
+class RecordingStore(MarkerStore):
+    """A marker store that records the markers written (a solo run removes its own after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[str] = []
+
+    def put_object(self, **call: Any) -> dict[str, Any]:
+        self.written.append(call["Key"])
+        return super().put_object(**call)
+
+
+@pytest.mark.parametrize(
+    ("max_receives", "suspect"),
+    [
+        (5, False),  # no consumer died with it: it runs with the others
+        (3, True),  # vouched for, but one receive from the last: it still runs alone
+    ],
+)
+def test_a_second_copy_of_a_message_this_worker_holds_is_not_a_suspect(
+    max_receives: int, suspect: bool
+) -> None:
     # GIVEN a worker past its careful start (full receives) that holds copy 1 of a message,
     # its image still being computed, and a quarantine that would run any suspect alone
     stop = threading.Event()
     dispatched: list[Any] = []
-    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
+    store = RecordingStore()
+    quarantine = Quarantine(s3=store, bucket="feats", prefix="v1/", max_receives=max_receives)
     quarantine.saw([Message(str(i), "h", "{}", 1, 0.0, 60.0) for i in range(CAREFUL_STREAK)])
     receiver = receiver_for(Redelivers("m"), stop)
     receiver.quarantine = quarantine
@@ -343,10 +367,12 @@ def test_a_second_copy_of_a_message_this_worker_holds_is_not_a_suspect() -> None
     # WHEN SQS delivers it again (a duplicate, or its visibility ran out here)
     receiver._poll(10)
 
-    # THEN no consumer died with it: the new copy runs with the others at once (no marker, no
-    # solo run, no serial receives), and it supersedes the copy held before
+    # THEN with receives to spare no consumer died with it: the new copy runs with the others
+    # at once (no marker, no solo run, no serial receives); one receive from the last it runs
+    # alone all the same. Either way it supersedes the copy held before
     assert [task.message.receipt_handle for task in dispatched] == ["h2"]
-    assert quarantine.careful is False and not quarantine.nothing_coming
+    assert store.written == (["v1/_bottleneck/running/m"] if suspect else [])
+    assert quarantine.careful is suspect
     assert first.lost and receiver.inflight.held()[0].receipt_handle == "h2"
 
 
@@ -373,12 +399,15 @@ def test_a_second_copy_of_a_suspect_this_worker_holds_stays_a_suspect() -> None:
     assert not inflight.vouches_for(fresh)
 
 
-def _release(inflight: InFlight, message_id: str, receive_count: int) -> None:
-    """Receive, fail transiently (throttling) and release a one-image message."""
+def _release(
+    inflight: InFlight, message_id: str, receive_count: int, code: str = "throttled"
+) -> None:
+    """Receive, fail transiently (throttling, unless ``code`` says otherwise) and release a
+    one-image message."""
     message = Message(message_id, "h1", '{"bucket": "b", "key": "k"}', receive_count, 0.0, 300.0)
     build_tasks(message, "v1/")
     assert inflight.register(message)
-    inflight.failed(message.images[0], Failure("throttled", "SlowDown", permanent=False))
+    inflight.failed(message.images[0], Failure(code, "transient", permanent=False))
     inflight.forget(message)  # the acker released it
 
 
@@ -414,3 +443,45 @@ def test_the_memory_of_releases_is_bounded(monkeypatch: Any) -> None:
     # THEN the oldest is forgotten (it would come back as a suspect), the others are not
     back = [Message(m, "h2", "{}", 2, 0.0, 300.0) for m in ("first", "second", "third")]
     assert [inflight.vouches_for(m) for m in back] == [False, True, True]
+
+
+def test_a_release_after_trouble_in_the_consumer_itself_or_on_a_stop_is_not_remembered() -> None:
+    # GIVEN a worker that released one message after throttling, one after a MemoryError in
+    # this process, one after an exception nobody expected, then one as it stopped
+    inflight = InFlight(40, lambda action: None)
+    _release(inflight, "throttled", 1)
+    _release(inflight, "oom", 1, code="out-of-memory")
+    _release(inflight, "bug", 1, code="internal")
+    held = Message("stopping", "h1", '{"bucket": "b", "key": "k"}', 1, 0.0, 300.0)
+    build_tasks(held, "v1/")
+    assert inflight.register(held)
+    inflight.release_unfinished()  # the stop: released at once, for other workers
+    inflight.failed(held.images[0], Failure("stopping", "decoding stopped", permanent=False))
+    inflight.forget(held)
+
+    # WHEN each comes back with its count one higher
+    back = [Message(m, "h2", "{}", 2, 0.0, 300.0) for m in ("throttled", "oom", "bug", "stopping")]
+
+    # THEN only the throttled one is vouched for: the out-of-memory and the unexpected failure
+    # may be the consumer's own danger, and a stop's release says nothing about the image
+    assert [inflight.vouches_for(m) for m in back] == [True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("max_receives", "receive_count", "may"),
+    [
+        (3, 2, False),  # a death among others at 2 would leave only a solo run at its last receive
+        (5, 2, True),
+        (5, 3, True),  # dies among others at 3, alone at 4, convicted as crashed at 5
+        (5, 4, False),
+        (None, 9, True),  # no redrive policy: SQS never dead-letters it without a reason
+    ],
+)
+def test_a_vouched_redelivery_skips_its_solo_run_only_with_two_receives_left(
+    max_receives: int | None, receive_count: int, may: bool
+) -> None:
+    quarantine = Quarantine(
+        s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=max_receives
+    )
+    message = Message("m", "h", "{}", receive_count, 0.0, 60.0)
+    assert quarantine.may_vouch(message) is may
