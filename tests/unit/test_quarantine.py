@@ -162,3 +162,19 @@ def test_nothing_comes_while_a_suspect_runs_or_receives_are_serial_and_the_batch
     assert (fresh_start, during_solo, after_solo, serial) == (False, True, False, True)
     assert not q.nothing_coming
     assert pauses == ["nothing coming", "nothing coming"]
+
+
+@pytest.mark.parametrize(
+    ("max_receives", "receive_count", "may"),
+    [
+        (3, 2, False),  # a death among others at 2 would leave only a solo run at its last receive
+        (5, 2, True),
+        (5, 3, True),  # dies among others at 3, alone at 4, convicted as crashed at 5
+        (5, 4, False),
+        (None, 9, True),  # no redrive policy: SQS never dead-letters it without a reason
+    ],
+)
+def test_a_vouched_redelivery_skips_its_solo_run_only_with_two_receives_left(
+    max_receives: int | None, receive_count: int, may: bool
+) -> None:
+    assert quarantine(max_receives=max_receives).may_vouch(message("m", receive_count)) is may
