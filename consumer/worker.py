@@ -39,7 +39,7 @@ from consumer.metrics import MetricsEmitter
 from consumer.quarantine import Quarantine, max_receive_count
 from consumer.runtime import Runtime
 from consumer.spot import SpotWatch
-from consumer.stages.ack import Acker
+from consumer.stages.ack import ACK_CALLS, Acker
 from consumer.stages.heartbeat import Heartbeat
 from consumer.stages.infer import Inference
 from consumer.stages.load import Loader
@@ -77,7 +77,12 @@ class Worker:
         self.halted = threading.Event()
         # Settled messages go to the acker; the lambda defers the lookup until it exists.
         self.inflight = InFlight(cfg.in_flight_limit, lambda action: self.acker.put(action))
-        self.acker = Acker(work_queue=runtime.work_queue, inflight=self.inflight, stats=self.stats)
+        self.acker = Acker(
+            work_queue=runtime.work_queue,
+            inflight=self.inflight,
+            stats=self.stats,
+            concurrency=ACK_CALLS,
+        )
         self.decoded: BatchQueue[ImageTask] = BatchQueue(maxsize=2 * cfg.batch_size)
         content_index = (
             ContentIndex(runtime.objects, cfg.output.bucket, cfg.output.prefix, runtime.fingerprint)

@@ -8,6 +8,12 @@ due time, now plus :func:`bottleneck_contract.retry.backoff`, and is tried again
 per try; meanwhile every other action goes on: the acker's only thread never sleeps on a failure.
 A dead-letter send that failed for some of its letters sends only those again.
 
+The calls themselves run on up to ``concurrency`` threads at once (:data:`ACK_CALLS` in the
+worker): one call carries at most 10 messages and takes tens of milliseconds on SQS, so one call
+at a time would cap a worker at 10 / latency, 300-500 messages a second, under what one GPU
+computes. Batches are still gathered full (or for the flush time) by the one thread before they
+are handed on, so at low rates nothing changes: no batch is split to keep threads busy.
+
 When an action's tries run out (:data:`ACK_BACKOFF`), or SQS rejects a step for good, the message
 is let go: forgotten here, logged and counted (``messages_abandoned``). It stays on the work
 queue and SQS delivers it again once its visibility runs out; the work is idempotent. A receipt
@@ -26,6 +32,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -48,6 +55,9 @@ _POLL_SECONDS = 0.1
 # heartbeat keeps it invisible), so waiting costs nothing but the wait.
 ACK_BACKOFF = Backoff(attempts=5, base=0.5, cap=8.0)
 _WAIT_FOR_REDELIVERY_S = 60
+# SQS calls in flight at once in a worker: 8 x 10 messages per call of 20-30 ms is 2,700-4,000
+# messages a second, above what one GPU computes (see the module docstring).
+ACK_CALLS = 8
 
 
 class Step(Enum):
@@ -87,6 +97,7 @@ class Acker(threading.Thread):
         backoff: Backoff = ACK_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
         rand: Rand = random.random,
+        concurrency: int = 1,
     ) -> None:
         super().__init__(name="ack", daemon=True)
         self.work_queue = work_queue
@@ -95,6 +106,12 @@ class Acker(threading.Thread):
         self.backoff = backoff
         self.clock = clock
         self.rand = rand
+        # With more than one, rounds run on these threads; the heap and redelivery_due are then
+        # shared with them, under the lock.
+        self._calls = (
+            ThreadPoolExecutor(concurrency, thread_name_prefix="ack") if concurrency > 1 else None
+        )
+        self._lock = threading.Lock()
         # An action counts as a task of this queue from put() until it is finished (done, or let
         # go), its waits for retries included: unfinished_tasks is what idle() reports.
         self.actions: queue.Queue[Action] = queue.Queue()
@@ -118,11 +135,24 @@ class Acker(threading.Thread):
         return self.actions.unfinished_tasks == 0
 
     def run(self) -> None:
-        while not (self._halt.is_set() and self.idle()):
-            self._carry_out(self._gather())
+        try:
+            while not (self._halt.is_set() and self.idle()):
+                fresh = self._gather()
+                now = self.clock()
+                ready = self._ready(fresh, now)
+                if not ready:
+                    continue
+                if self._calls is None:
+                    self._round(ready, now)
+                else:
+                    self._calls.submit(self._round_logged, ready)
+        finally:
+            if self._calls is not None:
+                self._calls.shutdown(wait=True)
 
     def tick(self, now: float | None = None) -> None:
-        """One round without any wait: every action queued now, and the retries due at ``now``."""
+        """One round without any wait, in the calling thread: every action queued now, and the
+        retries due at ``now``."""
         fresh: list[Action] = []
         while True:
             try:
@@ -134,7 +164,8 @@ class Acker(threading.Thread):
     def _gather(self) -> list[Action]:
         """New actions: a batch, or what came within the flush time; never past a due retry."""
         now = self.clock()
-        next_due = self.waiting[0][0] if self.waiting else math.inf
+        with self._lock:
+            next_due = self.waiting[0][0] if self.waiting else math.inf
         try:
             batch = [self.actions.get(timeout=max(0.0, min(_POLL_SECONDS, next_due - now)))]
         except queue.Empty:
@@ -152,13 +183,33 @@ class Acker(threading.Thread):
 
     # --- one round ---------------------------------------------------------------------------
     def _carry_out(self, fresh: Iterable[Action], now: float | None = None) -> None:
-        """Start the ``fresh`` actions and carry out every step due at ``now``, in order:
-        dead-letter sends, then deletes (those whose sends just went through included), then
-        releases. A failed step is scheduled again; nothing here waits."""
+        """Start the ``fresh`` actions and carry out every step due at ``now``: one round, in
+        the calling thread."""
         now = self.clock() if now is None else now
+        self._round(self._ready(fresh, now), now)
+
+    def _ready(self, fresh: Iterable[Action], now: float) -> list[Pending]:
+        """The ``fresh`` actions started, and the waiting steps due at ``now``, taken off the
+        heap: what one round carries out."""
         ready = [pending for action in fresh if (pending := self._start(action)) is not None]
-        while self.waiting and self.waiting[0][0] <= now:
-            ready.append(heapq.heappop(self.waiting)[2])
+        with self._lock:
+            while self.waiting and self.waiting[0][0] <= now:
+                ready.append(heapq.heappop(self.waiting)[2])
+        return ready
+
+    def _round_logged(self, ready: list[Pending]) -> None:
+        try:
+            # The clock when the calls start: a retry's wait counts from its failure.
+            self._round(ready, self.clock())
+        except Exception:
+            # A pool would keep the exception in a future nobody reads. The calls' own failures
+            # are results (Tried), so this is a bug: say so, as the thread dying would have.
+            log.exception("ack round failed")
+
+    def _round(self, ready: list[Pending], now: float) -> None:
+        """Carry out ``ready``'s steps in order: dead-letter sends, then deletes (those whose
+        sends just went through included), then releases. A failed step is scheduled again;
+        nothing here waits."""
         deletes = [p for p in ready if p.step is Step.DELETE]
         for pending in (p for p in ready if p.step is Step.DEAD_LETTER):
             if self._send_dead_letters(pending, now):
@@ -204,7 +255,8 @@ class Acker(threading.Thread):
     def _release_batch(self, group: list[Pending], delay: int, now: float) -> None:
         tried = self.work_queue.try_change_visibility([p.message for p in group], delay)
         if tried.done and delay <= _WAIT_FOR_REDELIVERY_S:
-            self.redelivery_due = max(self.redelivery_due, now + delay + 1.0)
+            with self._lock:
+                self.redelivery_due = max(self.redelivery_due, now + delay + 1.0)
         self._settle(group, tried, now, done="messages_released")
 
     def _settle(self, group: list[Pending], tried: Tried[Message], now: float, done: str) -> None:
@@ -233,7 +285,8 @@ class Acker(threading.Thread):
             return
         wait = self.backoff.delay(pending.failures - 1, self.rand)
         pending.due = now + wait
-        heapq.heappush(self.waiting, (pending.due, next(self._sequence), pending))
+        with self._lock:
+            heapq.heappush(self.waiting, (pending.due, next(self._sequence), pending))
         log.warning(
             f"{pending.step.value} failed; will retry",
             extra={

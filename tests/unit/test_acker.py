@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -394,7 +395,10 @@ def test_a_dropped_message_makes_no_call() -> None:
     assert rig.held_ids() == set()
 
 
-def test_the_thread_finishes_its_retries_before_it_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_the_thread_finishes_its_retries_before_it_stops(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
     # GIVEN the acker thread with a short real backoff, and a delete throttled twice
     monkeypatch.undo()  # the thread waits on its queue with timeouts (never a sleep)
     sqs = FakeSqs({"delete_message_batch": [THROTTLED, THROTTLED]})
@@ -404,6 +408,7 @@ def test_the_thread_finishes_its_retries_before_it_stops(monkeypatch: pytest.Mon
         inflight=inflight,
         stats=Stats(),
         backoff=Backoff(attempts=3, base=0.01, cap=0.01),
+        concurrency=concurrency,
     )
     message = Message("m0", "handle-m0", "{}", 1, 0.0, 300.0)
     message.images = [ImageTask(message=message, ref=ImageRef("images", "m0.jpg"))]
@@ -420,3 +425,84 @@ def test_the_thread_finishes_its_retries_before_it_stops(monkeypatch: pytest.Mon
     assert sqs.calls == [("delete_message_batch", ["m0"])] * 3
     assert inflight.empty()
     assert acker.idle()
+
+
+class SlowSqs(FakeSqs):
+    """Deletes that take ``seconds`` each, counting how many are under way at once."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.under_way = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def delete_message_batch(self, *, QueueUrl: str, Entries: list[dict[str, Any]]) -> Any:  # noqa: N803
+        with self._lock:
+            self.under_way += 1
+            self.most_at_once = max(self.most_at_once, self.under_way)
+        try:
+            time.sleep(self.seconds)
+            return super().delete_message_batch(QueueUrl=QueueUrl, Entries=Entries)
+        finally:
+            with self._lock:
+                self.under_way -= 1
+
+
+def _thread_rig(sqs: FakeSqs, concurrency: int, messages: int) -> tuple[Acker, list[Message]]:
+    inflight = InFlight(1000, lambda action: None)
+    acker = Acker(
+        work_queue=WorkQueue(sqs, "work-url", "dead-letter-url"),
+        inflight=inflight,
+        stats=Stats(),
+        concurrency=concurrency,
+    )
+    held = []
+    for i in range(messages):
+        message = Message(f"m{i}", f"handle-m{i}", "{}", 1, 0.0, 300.0)
+        message.images = [ImageTask(message=message, ref=ImageRef("images", f"m{i}.jpg"))]
+        inflight.register(message)
+        held.append(message)
+    return acker, held
+
+
+def test_full_batches_are_deleted_several_calls_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN an acker allowed 4 calls at once, SQS taking 0.2 s a call, and 60 deletes queued
+    monkeypatch.undo()
+    sqs = SlowSqs(0.2)
+    acker, held = _thread_rig(sqs, concurrency=4, messages=60)
+    for message in held:
+        acker.put(Action(Verdict.DELETE, message))
+
+    # WHEN the thread carries them out
+    acker.start()
+    acker.stop()
+    acker.join(timeout=30)
+
+    # THEN up to 4 calls were under way at once (one at a time would cap a worker at 10
+    # messages per call's latency), never more, each a full batch, every message deleted once
+    assert sqs.most_at_once == 4
+    assert sorted(len(ids) for _, ids in sqs.calls) == [10] * 6
+    assert sorted(i for _, ids in sqs.calls for i in ids) == sorted(m.message_id for m in held)
+    assert acker.idle()
+
+
+def test_a_trickle_is_gathered_into_one_call_not_spread_over_the_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an acker allowed 4 calls at once, and deletes arriving one every 10 ms
+    monkeypatch.undo()
+    sqs = SlowSqs(0.0)
+    acker, held = _thread_rig(sqs, concurrency=4, messages=10)
+    acker.start()
+
+    # WHEN ten come within the flush time
+    for message in held:
+        acker.put(Action(Verdict.DELETE, message))
+        time.sleep(0.01)
+    acker.stop()
+    acker.join(timeout=30)
+
+    # THEN they went in one call of ten: idle callers do not split a batch (each call costs
+    # as much as the ten deletes in it)
+    assert [len(ids) for _, ids in sqs.calls] == [10]
