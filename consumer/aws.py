@@ -62,8 +62,11 @@ class Clients:
     session: boto3.Session | None = None
 
 
-def make_clients(*, pool_size: int, session: boto3.Session | None = None) -> Clients:
-    """S3 and SQS clients whose connection pools match the pipeline's concurrency."""
+def make_clients(
+    *, pool_size: int, sqs_pool_size: int = 10, session: boto3.Session | None = None
+) -> Clients:
+    """S3 and SQS clients whose connection pools match the pipeline's concurrency: the S3
+    calls in flight at once (``pool_size``) and the SQS calls (``sqs_pool_size``)."""
     session = session or boto3.Session()
     retries = no_botocore_retries()
     s3_config = botocore.config.Config(
@@ -75,7 +78,7 @@ def make_clients(*, pool_size: int, session: boto3.Session | None = None) -> Cli
     )
     # Long polls wait up to 20 s: the read timeout must outlast them.
     sqs_config = botocore.config.Config(
-        max_pool_connections=max(10, pool_size // 4),
+        max_pool_connections=max(10, sqs_pool_size),
         retries=retries,
         connect_timeout=5,
         read_timeout=40,

@@ -51,13 +51,13 @@ class Config:
     s3_client: str = "auto"
     sqs_client: str = "auto"
     decode: str = "auto"
-    receivers: int = 2
-    fetch_concurrency: int = 16
+    receivers: int = 4
+    fetch_concurrency: int = 128
     decode_workers: int = 0
     decode_isolation: str = "processes"
     decode_memory_mb: int = 2048
     decode_hook: str = ""
-    write_concurrency: int = 16
+    write_concurrency: int = 128
     max_in_flight: int = 0
     visibility_timeout: int = 60
     stop_grace: float = 25.0
@@ -83,9 +83,11 @@ class Config:
         """Images held at once (fetched, decoded, batched, on the device or being written)."""
         if self.max_in_flight:
             return self.max_in_flight
-        # Two batches being assembled or computed, one being written, plus the fetches that
-        # hide S3 latency: enough to keep the device busy, small enough to bound memory.
-        pipeline = 3 * self.batch_size + self.fetch_concurrency
+        # Two batches being assembled or computed, one being written, plus the fetches and the
+        # writes that hide S3's latency: against AWS an image is held for 150-250 ms (a GET, a
+        # batch's wait and forward pass, a PUT, the delete), so a GPU's 2,000 images/s need
+        # 300-500 held (benchmarks.latency); small enough to bound memory.
+        pipeline = 3 * self.batch_size + self.fetch_concurrency + self.write_concurrency
         if self.layout == "shards":
             # A shard's images stay held until the shard is written: a whole shard, and the
             # pipeline filling the next one meanwhile.
@@ -456,8 +458,8 @@ OPTIONS: tuple[Option, ...] = (
         "DCT scaling for large JPEGs) or cuda (batched nvJPEG decode and resize on the GPU, "
         "Pillow for the rest)",
     ),
-    Option("receivers", _positive_int, "concurrent SQS long-polls (default 2)", "N"),
-    Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 16)", "N"),
+    Option("receivers", _positive_int, "concurrent SQS long-polls (default 4)", "N"),
+    Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 128)", "N"),
     Option(
         "decode_workers",
         _non_negative_int,
@@ -483,11 +485,11 @@ OPTIONS: tuple[Option, ...] = (
         "for tests only: module:function called with each image's bytes in the decode process",
         "MODULE:FUNCTION",
     ),
-    Option("write_concurrency", _positive_int, "concurrent S3 PUTs (default 16)", "N"),
+    Option("write_concurrency", _positive_int, "concurrent S3 PUTs (default 128)", "N"),
     Option(
         "max_in_flight",
         _non_negative_int,
-        "cap on images held at once (default: 3 x batch size + fetch concurrency; with "
+        "cap on images held at once (default: 3 x batch size + fetch and write concurrency; with "
         "--layout shards, plus --shard-rows)",
         "N",
     ),

@@ -33,6 +33,7 @@ from consumer.objects import ObjectClient, open_objects
 from consumer.preprocess import ImagePreparer, InputSpec, Preparer
 from consumer.sqs import WorkQueue, resolve_dead_letter_url
 from consumer.sqs_lean import open_queue_client, queue_client_name
+from consumer.stages.ack import ACK_CALLS
 from consumer.weights import resolve_weights
 
 if TYPE_CHECKING:
@@ -176,11 +177,14 @@ def build_runtime(
     where S3 and SQS are, and how they answer.
     """
     pool = config.fetch_concurrency + config.write_concurrency + config.receivers + 4
+    # Long polls, the acker's calls, the heartbeat and a dead-letter send, each on its own
+    # kept-alive connection.
+    sqs_pool = config.receivers + ACK_CALLS + 2
     s3_client, sqs_client = config.s3_client, config.sqs_client
     if clients is not None:
         s3_client = "boto3" if s3_client == "auto" else s3_client
         sqs_client = "boto3" if sqs_client == "auto" else sqs_client
-    clients = clients or make_clients(pool_size=pool)
+    clients = clients or make_clients(pool_size=pool, sqs_pool_size=sqs_pool)
     objects = objects or open_objects(s3_client, clients.s3)
     queue_client = open_queue_client(sqs_client, clients.sqs, clients.session)
     try:

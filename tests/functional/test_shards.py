@@ -76,16 +76,16 @@ def config(*extra: str) -> Config:
 
 def test_files_stay_the_default_and_shards_raise_the_cap_by_a_shard() -> None:
     assert config().layout == "files"
-    assert config().in_flight_limit == 3 * 64 + 16
+    assert config().in_flight_limit == 3 * 64 + 128 + 128
     sharded = config("--layout", "shards")
     assert (sharded.shard_rows, sharded.shard_max_seconds) == (10_000, 300.0)
     # A shard holds its images until it is written: the cap is a shard plus a pipeline.
-    assert sharded.in_flight_limit == 10_000 + 3 * 64 + 16
+    assert sharded.in_flight_limit == 10_000 + 3 * 64 + 128 + 128
     from_env = Config.from_args(
         ["--queue-url", QUEUE, "--output", "s3://feats/v1/"],
         {"BOTTLENECK_LAYOUT": "shards", "BOTTLENECK_SHARD_ROWS": "500"},
     )
-    assert (from_env.layout, from_env.in_flight_limit) == ("shards", 500 + 3 * 64 + 16)
+    assert (from_env.layout, from_env.in_flight_limit) == ("shards", 500 + 3 * 64 + 128 + 128)
 
 
 @pytest.mark.parametrize(
