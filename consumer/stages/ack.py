@@ -8,11 +8,14 @@ due time, now plus :func:`bottleneck_contract.retry.backoff`, and is tried again
 per try; meanwhile every other action goes on: the acker's only thread never sleeps on a failure.
 A dead-letter send that failed for some of its letters sends only those again.
 
-The calls themselves run on up to ``concurrency`` threads at once (:data:`ACK_CALLS` in the
-worker): one call carries at most 10 messages and takes tens of milliseconds on SQS, so one call
-at a time would cap a worker at 10 / latency, 300-500 messages a second, under what one GPU
-computes. Batches are still gathered full (or for the flush time) by the one thread before they
-are handed on, so at low rates nothing changes: no batch is split to keep threads busy.
+Up to ``concurrency`` calls are under way at once (:data:`ACK_CALLS` in the worker): one call
+carries at most 10 messages and takes tens of milliseconds on SQS, so one call at a time would
+cap a worker at 10 / latency, 300-500 messages a second, under what one GPU computes. Batches are
+still gathered full (or for the flush time) by the one thread, which makes the call itself while
+no other full batch waits behind it (the call's wait is then when the next batch gathers, and at
+low rates nothing changes from one thread: no hand-off, no batch split to keep threads busy);
+only with a full batch already waiting does it hand the call to one of ``concurrency - 1`` helper
+threads and gather on.
 
 When an action's tries run out (:data:`ACK_BACKOFF`), or SQS rejects a step for good, the message
 is let go: forgotten here, logged and counted (``messages_abandoned``). It stays on the work
@@ -106,10 +109,12 @@ class Acker(threading.Thread):
         self.backoff = backoff
         self.clock = clock
         self.rand = rand
-        # With more than one, rounds run on these threads; the heap and redelivery_due are then
+        # The helpers for calls beyond this thread's own; the heap and redelivery_due are then
         # shared with them, under the lock.
         self._calls = (
-            ThreadPoolExecutor(concurrency, thread_name_prefix="ack") if concurrency > 1 else None
+            ThreadPoolExecutor(concurrency - 1, thread_name_prefix="ack")
+            if concurrency > 1
+            else None
         )
         self._lock = threading.Lock()
         # An action counts as a task of this queue from put() until it is finished (done, or let
@@ -142,9 +147,9 @@ class Acker(threading.Thread):
                 ready = self._ready(fresh, now)
                 if not ready:
                     continue
-                if self._calls is None:
+                if self._calls is None or self.actions.qsize() < BATCH:
                     self._round(ready, now)
-                else:
+                else:  # a full batch waits behind this one: a helper makes this call
                     self._calls.submit(self._round_logged, ready)
         finally:
             if self._calls is not None:
