@@ -151,11 +151,9 @@ def feed_argv(args: argparse.Namespace, queue: str, dlq: str, output: str) -> li
     ]
     if args.feed_layout == "shards":
         argv += ["--layout", "shards", "--shard-rows", str(args.feed_shard_rows)]
-    for name in ("receivers", "fetch_concurrency", "write_concurrency", "decode_workers"):
-        value = getattr(args, name, None)
-        if value:
-            argv += ["--" + name.replace("_", "-"), str(value)]
-    return argv
+    from benchmarks.throughput import concurrency_argv
+
+    return argv + concurrency_argv(args)
 
 
 def lower_priority(pid: int, niceness: int = 19) -> None:

@@ -107,9 +107,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="decode pool(s) for the compute path (default both: the threads-or-processes row)",
     )
     parser.add_argument("--decode-workers", type=int, default=0, help="default: one per core")
-    parser.add_argument("--receivers", type=int, default=None, help="consumer --receivers")
-    parser.add_argument("--fetch-concurrency", type=int, default=None)
-    parser.add_argument("--write-concurrency", type=int, default=None)
+    for flag in ("--receivers", "--fetch-concurrency", "--write-concurrency"):
+        parser.add_argument(
+            flag,
+            type=int,
+            default=None,
+            help=f"the consumer's {flag} in the rows against moto (default: MOTO_CONCURRENCY's)",
+        )
     parser.add_argument("--max-wait-ms", type=int, default=200, help="consumer --max-wait-ms")
     parser.add_argument(
         "--rows",
@@ -571,6 +575,26 @@ class CountedObjects:
         self.inner.copy(bucket, source_key, key, **options)
 
 
+# The consumer's calls in flight in the rows against moto, unless the command line sets them.
+# The consumer's defaults are sized for AWS: tens of milliseconds a call at a GPU's thousands of
+# images/s (benchmarks.latency). A moto server answers in a few milliseconds and serves tens of
+# images/s here, so one or two calls in flight keep it busy; the defaults would queue some 130
+# requests inside it, whose threads then take the two cores from the consumer being measured
+# (the feed row read 4.1-4.3 ms of CPU an image so, 3.3-3.9 with these, and half the images/s).
+MOTO_CONCURRENCY = {"receivers": 2, "fetch_concurrency": 16, "write_concurrency": 16}
+
+
+def concurrency_argv(args: argparse.Namespace) -> list[str]:
+    """``--receivers``, ``--fetch-concurrency``, ``--write-concurrency`` and
+    ``--decode-workers`` for a consumer against moto: as given, else :data:`MOTO_CONCURRENCY`."""
+    argv: list[str] = []
+    for name in ("receivers", "fetch_concurrency", "write_concurrency", "decode_workers"):
+        value = getattr(args, name, None) or MOTO_CONCURRENCY.get(name)
+        if value:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
 def consumer_argv(args: argparse.Namespace, batch_size: int, queue: str, dlq: str) -> list[str]:
     argv = [
         *("--queue-url", queue, "--dead-letter-url", dlq),
@@ -580,11 +604,7 @@ def consumer_argv(args: argparse.Namespace, batch_size: int, queue: str, dlq: st
         *("--decode", args.decode, "--idle-exit", "0", "--metrics", "off"),
         *("--spot-watch", "off", "--seed", str(args.seed), "--log-level", "WARNING"),
     ]
-    for name in ("receivers", "fetch_concurrency", "write_concurrency", "decode_workers"):
-        value = getattr(args, name)
-        if value:
-            argv += ["--" + name.replace("_", "-"), str(value)]
-    return argv
+    return argv + concurrency_argv(args)
 
 
 def measure_end_to_end(

@@ -207,3 +207,25 @@ def test_the_gil_figure_names_its_sampling_error_when_py_spy_counted_it() -> Non
     )
     assert sampling_error({"gil_method": "probe", "gil_samples": 25}) == ""
     assert sampling_error({"gil_method": "py-spy", "gil_samples": 0}) == ""
+
+
+def test_the_rows_against_moto_keep_a_moto_sized_concurrency_unless_told() -> None:
+    # WHEN the feed row and the e2e row build their consumer's command lines
+    default = throughput.parse_args([])
+    told = throughput.parse_args(["--fetch-concurrency", "64", "--receivers", "5"])
+
+    def option(argv: list[str], flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    # THEN they pass moto's concurrency (the consumer's defaults are sized for AWS's latency)
+    for argv in (
+        feed_argv(default, "q", "dlq", "s3://out/feed/"),
+        throughput.consumer_argv(default, 16, "q", "dlq"),
+    ):
+        assert option(argv, "--receivers") == str(throughput.MOTO_CONCURRENCY["receivers"])
+        assert option(argv, "--fetch-concurrency") == "16"
+        assert option(argv, "--write-concurrency") == "16"
+    # and what the command line says wins
+    argv = feed_argv(told, "q", "dlq", "s3://out/feed/")
+    assert (option(argv, "--fetch-concurrency"), option(argv, "--receivers")) == ("64", "5")
+    assert option(argv, "--write-concurrency") == "16"
