@@ -51,7 +51,7 @@ class Config:
     s3_client: str = "auto"
     sqs_client: str = "auto"
     decode: str = "auto"
-    receivers: int = 4
+    receivers: int = 8
     fetch_concurrency: int = 128
     decode_workers: int = 0
     decode_isolation: str = "processes"
@@ -458,7 +458,7 @@ OPTIONS: tuple[Option, ...] = (
         "DCT scaling for large JPEGs) or cuda (batched nvJPEG decode and resize on the GPU, "
         "Pillow for the rest)",
     ),
-    Option("receivers", _positive_int, "concurrent SQS long-polls (default 4)", "N"),
+    Option("receivers", _positive_int, "concurrent SQS long-polls (default 8)", "N"),
     Option("fetch_concurrency", _positive_int, "concurrent S3 GETs (default 128)", "N"),
     Option(
         "decode_workers",
