@@ -5,7 +5,7 @@ delete. The send comes first and the delete only once every letter is sent, so a
 always recorded before its message leaves the work queue. A step that fails in a way that may
 pass (a whole call throttled or reset, an entry that came back ``Failed`` on SQS's side) gets a
 due time, now plus :func:`bottleneck_contract.retry.backoff`, and is tried again then, one call
-per try; meanwhile every other action goes on: the acker's only thread never sleeps on a failure.
+per try; meanwhile every other action goes on: no acker thread ever sleeps on a failure.
 A dead-letter send that failed for some of its letters sends only those again.
 
 Up to ``concurrency`` calls are under way at once (:data:`ACK_CALLS` in the worker): one call
@@ -15,7 +15,8 @@ still gathered full (or for the flush time) by the one thread, which makes the c
 no other full batch waits behind it (the call's wait is then when the next batch gathers, and at
 low rates nothing changes from one thread: no hand-off, no batch split to keep threads busy);
 only with a full batch already waiting does it hand the call to one of ``concurrency - 1`` helper
-threads and gather on.
+threads and gather on. A round that raises (a bug: the calls' failures are results) lets go of
+the messages it had not finished, so that the acker still becomes idle and the worker can stop.
 
 When an action's tries run out (:data:`ACK_BACKOFF`), or SQS rejects a step for good, the message
 is let go: forgotten here, logged and counted (``messages_abandoned``). It stays on the work
@@ -35,7 +36,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -58,9 +58,10 @@ _POLL_SECONDS = 0.1
 # heartbeat keeps it invisible), so waiting costs nothing but the wait.
 ACK_BACKOFF = Backoff(attempts=5, base=0.5, cap=8.0)
 _WAIT_FOR_REDELIVERY_S = 60
-# SQS calls in flight at once in a worker: 8 x 10 messages per call of 20-30 ms is 2,700-4,000
-# messages a second, above what one GPU computes (see the module docstring).
-ACK_CALLS = 8
+# SQS calls in flight at once in a worker: 16 x 10 messages per call of 20-40 ms is 4,000-8,000
+# messages a second, above what one GPU computes (see the module docstring). Helpers beyond the
+# acker's own thread run only while full batches wait, so a slow worker never pays for them.
+ACK_CALLS = 16
 
 
 class Step(Enum):
@@ -78,6 +79,8 @@ class Pending:
     letters: tuple[DeadLetter, ...] = ()  # dead letters not yet sent
     failures: int = 0
     due: float = 0.0
+    # Out of its round: finished, or waiting on the heap for its next try.
+    out: bool = False
 
     @property
     def message(self) -> Message:
@@ -109,18 +112,15 @@ class Acker(threading.Thread):
         self.backoff = backoff
         self.clock = clock
         self.rand = rand
-        # The helpers for calls beyond this thread's own; the heap and redelivery_due are then
-        # shared with them, under the lock.
-        self._calls = (
-            ThreadPoolExecutor(concurrency - 1, thread_name_prefix="ack")
-            if concurrency > 1
-            else None
-        )
+        self.concurrency = concurrency
+        # Rounds for the helpers (started by run()); with helpers, the heap and redelivery_due
+        # are shared with them, under the lock.
+        self._handed: queue.SimpleQueue[list[Pending] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         # An action counts as a task of this queue from put() until it is finished (done, or let
         # go), its waits for retries included: unfinished_tasks is what idle() reports.
         self.actions: queue.Queue[Action] = queue.Queue()
-        # Actions waiting for their next try: a heap of (due, sequence, pending), this thread's.
+        # Actions waiting for their next try: a heap of (due, sequence, pending).
         self.waiting: list[tuple[float, int, Pending]] = []
         self._sequence = itertools.count()
         # When the last message released with a short delay becomes visible again: until then
@@ -140,6 +140,14 @@ class Acker(threading.Thread):
         return self.actions.unfinished_tasks == 0
 
     def run(self) -> None:
+        # Daemon threads, not a ThreadPoolExecutor: its workers are joined at interpreter exit,
+        # queued calls and all, and an SQS call that hangs must not hold up the process's exit.
+        helpers = [
+            threading.Thread(target=self._help, name=f"ack_{i}", daemon=True)
+            for i in range(self.concurrency - 1)
+        ]
+        for helper in helpers:
+            helper.start()
         try:
             while not (self._halt.is_set() and self.idle()):
                 fresh = self._gather()
@@ -147,13 +155,18 @@ class Acker(threading.Thread):
                 ready = self._ready(fresh, now)
                 if not ready:
                     continue
-                if self._calls is None or self.actions.qsize() < BATCH:
-                    self._round(ready, now)
+                if not helpers or self.actions.qsize() < BATCH:
+                    self._guarded_round(ready, now)
                 else:  # a full batch waits behind this one: a helper makes this call
-                    self._calls.submit(self._round_logged, ready)
+                    self._handed.put(ready)
         finally:
-            if self._calls is not None:
-                self._calls.shutdown(wait=True)
+            for _ in helpers:
+                self._handed.put(None)
+
+    def _help(self) -> None:
+        while (ready := self._handed.get()) is not None:
+            # The clock when the round starts, as for the thread's own rounds.
+            self._guarded_round(ready, self.clock())
 
     def tick(self, now: float | None = None) -> None:
         """One round without any wait, in the calling thread: every action queued now, and the
@@ -199,17 +212,22 @@ class Acker(threading.Thread):
         ready = [pending for action in fresh if (pending := self._start(action)) is not None]
         with self._lock:
             while self.waiting and self.waiting[0][0] <= now:
-                ready.append(heapq.heappop(self.waiting)[2])
+                pending = heapq.heappop(self.waiting)[2]
+                pending.out = False
+                ready.append(pending)
         return ready
 
-    def _round_logged(self, ready: list[Pending]) -> None:
+    def _guarded_round(self, ready: list[Pending], now: float) -> None:
         try:
-            # The clock when the calls start: a retry's wait counts from its failure.
-            self._round(ready, self.clock())
-        except Exception:
-            # A pool would keep the exception in a future nobody reads. The calls' own failures
-            # are results (Tried), so this is a bug: say so, as the thread dying would have.
+            self._round(ready, now)
+        except Exception as exc:
+            # The calls' own failures are results (Tried), so this is a bug. Its messages are
+            # let go (SQS delivers them again; the work is idempotent) rather than left
+            # unfinished: the acker would never be idle again, and the worker never stop.
             log.exception("ack round failed")
+            for pending in ready:
+                if not pending.out:
+                    self._let_go(pending, f"was in a round that failed: {exc!r}")
 
     def _round(self, ready: list[Pending], now: float) -> None:
         """Carry out ``ready``'s steps in order: dead-letter sends, then deletes (those whose
@@ -268,8 +286,10 @@ class Acker(threading.Thread):
         by_message = {id(p.message): p for p in group}
         self.stats.add(done, len(tried.done))
         for message in tried.done:
+            by_message[id(message)].out = True
             self._finish(message)
         for message in tried.stale:
+            by_message[id(message)].out = True
             log.info(
                 f"{by_message[id(message)].step.value}: receipt handle no longer valid "
                 "(redelivered elsewhere)",
@@ -290,6 +310,7 @@ class Acker(threading.Thread):
             return
         wait = self.backoff.delay(pending.failures - 1, self.rand)
         pending.due = now + wait
+        pending.out = True
         with self._lock:
             heapq.heappush(self.waiting, (pending.due, next(self._sequence), pending))
         log.warning(
@@ -304,6 +325,7 @@ class Acker(threading.Thread):
         )
 
     def _let_go(self, pending: Pending, why: str) -> None:
+        pending.out = True
         log.error(
             f"{pending.step.value} {why}; the message is left for SQS to redeliver",
             extra={"fields": {"message_id": pending.message.message_id}},

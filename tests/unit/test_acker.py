@@ -506,3 +506,73 @@ def test_a_trickle_is_gathered_into_one_call_not_spread_over_the_callers(
     # THEN they went in one call of ten: idle callers do not split a batch (each call costs
     # as much as the ten deletes in it)
     assert [len(ids) for _, ids in sqs.calls] == [10]
+
+
+class BuggyQueue(WorkQueue):
+    """A work queue whose first delete raises: a bug, not an SQS failure (those are results)."""
+
+    def __init__(self) -> None:
+        super().__init__(FakeSqs(), "work-url", "dead-letter-url")
+        self.raised = False
+
+    def try_delete(self, messages: Any) -> Any:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("a bug in a round")
+        return super().try_delete(messages)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_round_that_raises_lets_its_messages_go_and_the_acker_goes_on(
+    monkeypatch: pytest.MonkeyPatch, concurrency: int
+) -> None:
+    # GIVEN an acker thread whose first round raises, with 20 deletes queued (with helpers, the
+    # first full batch goes to one of them)
+    monkeypatch.undo()
+    work_queue = BuggyQueue()
+    inflight = InFlight(1000, lambda action: None)
+    stats = Stats()
+    acker = Acker(work_queue=work_queue, inflight=inflight, stats=stats, concurrency=concurrency)
+    held = []
+    for i in range(21):
+        message = Message(f"m{i}", f"handle-m{i}", "{}", 1, 0.0, 300.0)
+        message.images = [ImageTask(message=message, ref=ImageRef("images", f"m{i}.jpg"))]
+        inflight.register(message)
+        held.append(message)
+    for message in held[:20]:
+        acker.put(Action(Verdict.DELETE, message))
+
+    # WHEN the thread runs, and one more delete comes afterwards
+    acker.start()
+    deadline = time.monotonic() + 10
+    while not acker.idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    acker.put(Action(Verdict.DELETE, held[20]))
+    acker.stop()
+    acker.join(timeout=10)
+
+    # THEN the failed round's ten were let go (SQS delivers them again), the others deleted,
+    # nothing is left unfinished, and the acker went on with the later delete
+    assert not acker.is_alive()
+    assert stats.counts["messages_abandoned"] == 10
+    assert stats.counts["messages_deleted"] == 11
+    assert inflight.empty() and acker.idle()
+
+
+def test_the_helpers_are_daemon_threads_that_end_with_the_acker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a running acker allowed 3 calls at once
+    monkeypatch.undo()
+    acker, _ = _thread_rig(FakeSqs(), concurrency=3, messages=0)
+    acker.start()
+
+    # THEN its two helpers are daemon threads (a ThreadPoolExecutor's are joined at exit, with
+    # every queued call: a hanging SQS call would hold up the process's exit)
+    helpers = [t for t in threading.enumerate() if t.name.startswith("ack_")]
+    assert len(helpers) == 2 and all(t.daemon for t in helpers)
+    acker.stop()
+    acker.join(timeout=10)
+    for helper in helpers:
+        helper.join(timeout=10)
+    assert not any(t.is_alive() for t in helpers)
