@@ -116,7 +116,9 @@ class SlowSqs:
     """The SQS calls the worker makes, boto3-shaped, in memory, ``latency`` seconds per call.
 
     Messages are delivered once (none is released or times out in this row); a receive on an
-    empty queue waits up to its ``WaitTimeSeconds``, as a long poll does.
+    empty queue waits up to its ``WaitTimeSeconds``, as a long poll does, or until
+    :meth:`close`. Every receive on a non-empty queue returns up to 10 at the same latency: SQS
+    may return fewer, and has a tail, so the row's receive ceiling is a best case.
     """
 
     def __init__(self, latency: float, bodies: list[str]) -> None:
@@ -126,6 +128,11 @@ class SlowSqs:
         self._lock = threading.Lock()
         self.calls: collections.Counter[str] = collections.Counter()
         self.deleted = 0
+        self.closed = threading.Event()
+
+    def close(self) -> None:
+        """End the long polls under way (the worker's stop waits for its receivers)."""
+        self.closed.set()
 
     def _call(self, name: str) -> None:
         time.sleep(self.latency)
@@ -151,7 +158,8 @@ class SlowSqs:
                 ]
             if taken or time.monotonic() >= deadline:
                 break
-            time.sleep(0.05)  # one call: the poll waits on SQS's side
+            if self.closed.wait(0.05):  # one call: the poll waits on SQS's side
+                break
         messages = []
         for body in taken:
             ident = f"m{next(self._ids)}"
@@ -281,6 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         done = sqs.deleted - first
         gpu_busy = gpu.busy - gpu_before
     finally:
+        sqs.close()
         worker.request_stop("benchmark done")
         thread.join(timeout=60)
     limits = ceilings(runtime.config, latency, args.ack_calls, gpu_s)
