@@ -98,6 +98,11 @@ class Quarantine:
         self._waiting: set[str] = set()
         # While careful, one receiver polls at a time (see :meth:`polling`).
         self._poll = threading.Lock()
+        # When the current run of empty polls began, any receiver's (None after a poll that got
+        # messages). While careful the polls are one at a time, so each speaks for the queue: a
+        # receiver taking its first turn continues the run instead of starting the idle clock
+        # again (with eight receivers taking turns, an idle worker waited eight long polls).
+        self._empty_since: float | None = None
 
     # --- turns ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -176,6 +181,20 @@ class Quarantine:
             yield settled and not self.solo_active
         finally:
             self._poll.release()
+
+    def polled(self, started: float, got: int) -> None:
+        """Record a poll begun at ``started`` that returned ``got`` messages."""
+        with self._lock:
+            if got:
+                self._empty_since = None
+            elif self._empty_since is None:
+                self._empty_since = started
+
+    def empty_run(self) -> float | None:
+        """While careful: when the queue's current run of empty polls began (``None`` when the
+        last poll got messages, or when receivers poll in parallel and each speaks for itself)."""
+        with self._lock:
+            return self._empty_since if self._careful else None
 
     def may_vouch(self, message: Message) -> bool:
         """Whether a redelivery this worker vouches for may run with others: only while two

@@ -96,7 +96,6 @@ class Receiver(threading.Thread):
                     self.standing_by = False
                     self.empty_since = None  # waiting for room: the worker is full of work
                 continue
-            self.standing_by = False
             if self.receiving_stopped.is_set():
                 # Slots freed by the stop's own releases: receiving now would take messages
                 # this worker will never process (hidden until their visibility runs out).
@@ -104,13 +103,22 @@ class Receiver(threading.Thread):
                 break
             try:
                 if self.quarantine is None:
+                    self.standing_by = False
                     self._poll(room)
                 else:
+                    # Waiting for a careful turn changes nothing: a receiver that stood by
+                    # stands by until it has one (the waits are most of its time while another
+                    # polls; counted as busy, they kept an idle worker with eight receivers
+                    # from ever seeing all of them idle at once).
                     with self.quarantine.polling(self.inflight.held) as turn:
                         # Without a turn this receiver stands by: the one polling speaks for
                         # the queue, and held work holds the idle exit back by itself.
                         self.standing_by = not turn
                         if turn:
+                            if self.empty_since is None:
+                                # A first turn continues the empty polls other receivers made
+                                # before it, one at a time (None when they poll in parallel).
+                                self.empty_since = self.quarantine.empty_run()
                             self._poll(room)
                     if not turn:
                         self.receiving_stopped.wait(0.01)
@@ -139,6 +147,8 @@ class Receiver(threading.Thread):
             # --idle-exit would take an unreachable or throttling SQS for an empty queue.
             self.receiving_stopped.wait(delay)
             return
+        if self.quarantine is not None:
+            self.quarantine.polled(started, len(messages))
         if not messages:
             if self.empty_since is None:
                 self.empty_since = started

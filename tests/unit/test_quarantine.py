@@ -178,3 +178,20 @@ def test_a_vouched_redelivery_skips_its_solo_run_only_with_two_receives_left(
     max_receives: int | None, receive_count: int, may: bool
 ) -> None:
     assert quarantine(max_receives=max_receives).may_vouch(message("m", receive_count)) is may
+
+
+def test_the_queues_empty_run_is_shared_while_careful_and_ends_with_messages() -> None:
+    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=5)
+    assert quarantine.empty_run() is None
+    # empty polls, one after another: the run began with the first
+    quarantine.polled(10.0, 0)
+    quarantine.polled(12.0, 0)
+    assert quarantine.empty_run() == 10.0
+    # a poll that got messages ends it; the next empty poll starts another
+    quarantine.polled(13.0, 1)
+    assert quarantine.empty_run() is None
+    quarantine.polled(14.0, 0)
+    assert quarantine.empty_run() == 14.0
+    # once receivers poll in parallel, each speaks for itself
+    quarantine.saw([Message(f"m{i}", "h", "{}", 1, 0.0, 60.0) for i in range(CAREFUL_STREAK)])
+    assert not quarantine.careful and quarantine.empty_run() is None

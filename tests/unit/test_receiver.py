@@ -372,3 +372,77 @@ def test_a_second_copy_of_a_message_this_worker_holds_is_not_a_suspect(
     assert store.written == (["v1/_bottleneck/running/m"] if suspect else [])
     assert quarantine.careful is suspect
     assert first.lost and receiver.inflight.held()[0].receipt_handle == "h2"
+
+
+class EmptyQueue:
+    """An empty queue whose every receive takes 20 ms, during which it looks at the receivers
+    four times: who is polling and its idle time as it begins (what ``Worker.idle_for`` takes
+    the least of), and any other receiver that had stood by but counted as busy again (neither
+    standing by nor with an idle clock) while not polling. Stops once every receiver has
+    polled, or after 300 polls."""
+
+    def __init__(self, stop: threading.Event, n: int) -> None:
+        self.stop = stop
+        self.n = n
+        self.receivers: list[Any] = []
+        self.calls: list[tuple[str, float]] = []
+        self.stood_by: set[str] = set()
+        self.busy_again: list[str] = []
+
+    def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
+        caller = threading.current_thread().name
+        for look in range(4):
+            now = time.monotonic()
+            for r in self.receivers:
+                if r.name == caller:
+                    if look == 0:
+                        self.calls.append((caller, r.idle_for(now)))
+                elif r.standing_by:
+                    self.stood_by.add(r.name)
+                elif r.name in self.stood_by and r.empty_since is None:
+                    self.busy_again.append(r.name)
+            time.sleep(0.005)
+        if len({name for name, _ in self.calls}) == self.n or len(self.calls) >= 300:
+            self.stop.set()
+        return []
+
+    def change_visibility(self, messages: list[Message], seconds: int) -> list[Message]:
+        return []
+
+
+def test_careful_receivers_taking_turns_keep_the_queues_idle_clock_running() -> None:
+    # GIVEN three careful receivers (a fresh start) polling an empty queue one at a time
+    stop = threading.Event()
+    work_queue = EmptyQueue(stop, n=3)
+    inflight = InFlight(40, lambda action: None)
+    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=5)
+    work_queue.receivers = [
+        Receiver(
+            f"receive-{i}",
+            work_queue=work_queue,  # type: ignore[arg-type]
+            inflight=inflight,
+            dispatch=lambda task: None,
+            output_prefix="v1/",
+            visibility=300,
+            wait_seconds=1,
+            stats=Stats(),
+            receiving_stopped=stop,
+            quarantine=quarantine,
+        )
+        for i in range(3)
+    ]
+
+    # WHEN they run until each has taken a turn
+    for receiver in work_queue.receivers:
+        receiver.start()
+    for receiver in work_queue.receivers:
+        receiver.join(timeout=20)
+
+    # THEN a receiver's first turn continued the idle time of the empty polls before it (it
+    # began at 0 with every receiver's first turn, so an idle worker with eight receivers
+    # waited eight long polls before it could exit)
+    assert len({name for name, _ in work_queue.calls}) == 3
+    assert all(idle > 0 for _, idle in work_queue.calls[1:]), work_queue.calls
+    # and a receiver waiting for its turn kept standing by (counted as busy while it waited, it
+    # held the worker's idle clock at 0 most of the time)
+    assert work_queue.busy_again == []
