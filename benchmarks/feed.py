@@ -279,19 +279,22 @@ def _run_window(
         probe.sampler.interval = 0.5
         run_queue = RunQueueClock()
         moto_before = server.cpu_seconds()
-        counter.on = True
         run_queue.start()
         probe.start()
+        # Requests are counted between the two snapshots of settled images and nowhere else: a
+        # PUT is counted as it ends and its image settles right after, so PUTs per image is 1
+        # whatever the window's size (the samplers' start and stop take tenths of a second).
+        counter.on = True
         opened = worker.stats.summary()
         first = settled_images(opened)
         out(f"feed: measuring {n} images ...")
         wait_for(first + n, "the window's end")
         closed = worker.stats.summary()
+        counter.on = False
         last = settled_images(closed)
         seconds, report = probe.stop()
         ran_share = run_queue.stop()
         gil_report: GilReport = gil.stop()
-        counter.on = False
         moto_cpu = server.cpu_seconds() - moto_before
     finally:
         worker.request_stop("benchmark done")

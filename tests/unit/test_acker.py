@@ -565,11 +565,16 @@ def test_the_helpers_are_daemon_threads_that_end_with_the_acker(
     # GIVEN a running acker allowed 3 calls at once
     monkeypatch.undo()
     acker, _ = _thread_rig(FakeSqs(), concurrency=3, messages=0)
+    before = set(threading.enumerate())
     acker.start()
+    deadline = time.monotonic() + 10
+    helpers: list[threading.Thread] = []
+    while len(helpers) < 2 and time.monotonic() < deadline:  # run() starts them
+        helpers = [t for t in set(threading.enumerate()) - before if t.name.startswith("ack_")]
+        time.sleep(0.01)
 
     # THEN its two helpers are daemon threads (a ThreadPoolExecutor's are joined at exit, with
     # every queued call: a hanging SQS call would hold up the process's exit)
-    helpers = [t for t in threading.enumerate() if t.name.startswith("ack_")]
     assert len(helpers) == 2 and all(t.daemon for t in helpers)
     acker.stop()
     acker.join(timeout=10)
