@@ -15,6 +15,8 @@ goes on (the model is built, its forward pass is not run). It reports images/s b
 stage's ceiling for the settings used (calls in flight x items per call / latency), and the
 consumer's CPU per image. ``--ack-calls`` sets the acker's concurrent calls (the worker's
 :data:`~consumer.stages.ack.ACK_CALLS`), for comparing with the single-call acker of before.
+The CPU is every thread's and decode process's but the benchmark's main thread's
+(:class:`benchmarks.accounting.CpuMeter`).
 
 Small JPEGs by default (``--image-size``): decoding is the CPU's share, measured by the feed row;
 here it would only hide the ceilings behind this two-core machine's CPU.
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.accounting import CpuMeter, ModelClock
 from bottleneck_contract.messages import ImageRef, encode
 from consumer.objects import ConditionFailed, Existing, Fetched
 from consumer.sqs import BATCH
@@ -246,13 +249,11 @@ def ceilings(config: Any, latency: float, ack_calls: int, gpu_s: float) -> dict[
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the worker against the stand-ins, time ``args.images`` images after a warm-up."""
-    import psutil
-
     from benchmarks.throughput import build_image_set
-    from consumer import worker as worker_module
     from consumer.aws import Clients
     from consumer.config import Config
     from consumer.runtime import build_runtime
+    from consumer.worker import Worker
 
     latency = args.latency_ms / 1000
     gpu_s = args.gpu_ms_per_image / 1000
@@ -269,23 +270,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runtime = build_runtime(config, clients=Clients(s3=None, sqs=sqs), objects=objects)
     gpu = StandInGpu(gpu_s, runtime.feature_shape)
     runtime.backbone.submit = gpu.submit  # type: ignore[method-assign,assignment]
-    saved = worker_module.ACK_CALLS
-    worker_module.ACK_CALLS = args.ack_calls
-    try:
-        worker = worker_module.Worker(runtime)
-    finally:
-        worker_module.ACK_CALLS = saved
+    worker = Worker(runtime)
+    worker.acker.concurrency = args.ack_calls  # its helpers are started by run()
     thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
-    process = psutil.Process()
+    # Every thread and decode process but this one, which only polls.
+    meter = CpuMeter(ModelClock(), overhead_groups=("main",))
     thread.start()
     try:
         _wait(lambda: sqs.deleted >= args.warmup, 300)
         first, began = sqs.deleted, time.monotonic()
-        cpu_before = _cpu(process)
+        meter.start()
         gpu_before = gpu.busy
         _wait(lambda: sqs.deleted >= total, 600)
         seconds = time.monotonic() - began
-        cpu = _cpu(process) - cpu_before
+        cpu = meter.stop().total_s
         done = sqs.deleted - first
         gpu_busy = gpu.busy - gpu_before
     finally:
@@ -324,17 +322,6 @@ def _jpeg(data: bytes, width: int, height: int) -> bytes:
     image = Image.open(io.BytesIO(data)).convert("RGB").resize((width, height))
     image.save(out, "JPEG", quality=90)
     return out.getvalue()
-
-
-def _cpu(process: Any) -> float:
-    """This process's CPU and its live children's (the decode processes), in seconds."""
-    total = sum(process.cpu_times()[:2])
-    for child in process.children(recursive=True):
-        try:
-            total += sum(child.cpu_times()[:2])
-        except Exception:  # a child that just exited
-            continue
-    return float(total)
 
 
 def _wait(done: Any, timeout: float) -> None:
