@@ -218,7 +218,8 @@ class SuspectsTwice:
 
 def careful_receivers(work_queue: Any, stop: threading.Event, n: int, settle_s: float) -> list[Any]:
     """``n`` receivers sharing a fresh quarantine (careful, as after a start) and a pipeline
-    that settles each image ``settle_s`` after it is dispatched; started and run to the stop."""
+    that settles each image ``settle_s`` after it is dispatched; started and run to the stop.
+    A ``work_queue`` with a ``receivers`` attribute is given them before they start."""
     inflight = InFlight(40, lambda action: None)
     quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
 
@@ -240,6 +241,8 @@ def careful_receivers(work_queue: Any, stop: threading.Event, n: int, settle_s: 
         )
         for i in range(n)
     ]
+    if hasattr(work_queue, "receivers"):
+        work_queue.receivers = receivers
     for receiver in receivers:
         receiver.start()
     for receiver in receivers:
@@ -414,29 +417,9 @@ def test_careful_receivers_taking_turns_keep_the_queues_idle_clock_running() -> 
     # GIVEN three careful receivers (a fresh start) polling an empty queue one at a time
     stop = threading.Event()
     work_queue = EmptyQueue(stop, n=3)
-    inflight = InFlight(40, lambda action: None)
-    quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=5)
-    work_queue.receivers = [
-        Receiver(
-            f"receive-{i}",
-            work_queue=work_queue,  # type: ignore[arg-type]
-            inflight=inflight,
-            dispatch=lambda task: None,
-            output_prefix="v1/",
-            visibility=300,
-            wait_seconds=1,
-            stats=Stats(),
-            receiving_stopped=stop,
-            quarantine=quarantine,
-        )
-        for i in range(3)
-    ]
 
     # WHEN they run until each has taken a turn
-    for receiver in work_queue.receivers:
-        receiver.start()
-    for receiver in work_queue.receivers:
-        receiver.join(timeout=20)
+    careful_receivers(work_queue, stop, n=3, settle_s=0.0)
 
     # THEN a receiver's first turn continued the idle time of the empty polls before it (it
     # began at 0 with every receiver's first turn, so an idle worker with eight receivers
