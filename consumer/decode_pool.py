@@ -32,6 +32,8 @@ import queue
 import resource
 import select
 import signal
+import socket
+import struct
 import threading
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
@@ -52,6 +54,12 @@ _OK = b"\x00"
 _FAILED = b"\x01"
 _READY = b"ready"
 _START_TIMEOUT_S = 60.0
+# multiprocessing.connection's framing (a signed 32-bit big-endian length), which the child's
+# Connection reads and writes.
+_FRAME = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+# A reply is a status byte, or a pickled (code, detail, permanent): far below this.
+_REPLY_READ = 65536
 
 
 class DecoderUnavailable(RuntimeError):
@@ -100,14 +108,18 @@ class DecodeProcesses:
         self._children: list[_Child] = []
         self._lock = threading.Lock()
         for _ in range(workers):
-            child = self._spawn()
-            self._idle.put(child)
+            self._idle.put(self._spawn())
 
     def __call__(self, data: bytes) -> np.ndarray:
         if self._closed:
             raise TransientError("stopping", "decoding stopped with the worker")
         child = self._idle.get()
         try:
+            # Callers wait here for a child (every fetch thread may): one that gets its turn
+            # after close() must not replace a dead child, which would start a process no one
+            # stops.
+            if self._closed:
+                raise TransientError("stopping", "decoding stopped with the worker")
             if child.dead:  # the child that crashed on the last image: replace it first
                 child = self._replace(child)
             return child.decode(data)
@@ -165,35 +177,44 @@ class _Child:
         self.spec = spec
         self.dead = False
         self.shm = SharedMemory(create=True, size=spec.out_bytes)
-        self.conn, child_conn = context.Pipe(duplex=True)
+        # A socket pair, as multiprocessing's duplex Pipe is: the child reads it through a
+        # Connection; this side frames its messages itself (see _send_frame, _recv_frame).
+        self.sock, child_sock = socket.socketpair()
+        child_conn = multiprocessing.connection.Connection(child_sock.detach())
         self.process = context.Process(
             target=serve, args=(child_conn, self.shm.name, spec), daemon=True, name="decode"
         )
         self.process.start()
         child_conn.close()
         self.pid = int(self.process.pid or 0)
-        # One poll object for the child's life: Connection.poll builds a selector on every
-        # call, tens of microseconds of Python per image in the thread that owns the model.
-        self._reply = select.poll()
-        self._reply.register(self.conn.fileno(), select.POLLIN)
         # A child that cannot even start (a bad hook, no shared memory) is a broken setup, not
         # a poison image: say so here, before any image is blamed for it.
+        started = select.poll()
+        started.register(self.sock.fileno(), select.POLLIN)
         try:
-            ready = self.conn.poll(_START_TIMEOUT_S) and self.conn.recv_bytes() == _READY
+            ready = bool(started.poll(_START_TIMEOUT_S * 1000)) and _recv_frame(self.sock) == _READY
         except (EOFError, OSError):
             ready = False
         if not ready:
             cause = self._cause() if not self.process.is_alive() else "did not answer"
             self.close()
             raise DecoderUnavailable(f"a decode process could not start: it {cause}")
+        # From now on a reply is awaited by one blocking read that the kernel ends after
+        # DECODE_TIMEOUT_S (BlockingIOError), not by a poll and then a read: each of the two
+        # gives up the GIL and must take it back, behind every busy thread of the process.
+        seconds = int(DECODE_TIMEOUT_S)
+        timeval = struct.pack("ll", seconds, int((DECODE_TIMEOUT_S - seconds) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
     def decode(self, data: bytes) -> np.ndarray:
         try:
-            self.conn.send_bytes(data)
-            if not self._reply.poll(DECODE_TIMEOUT_S * 1000):
-                self.process.kill()
-                raise _ChildDied(f"hung for more than {DECODE_TIMEOUT_S:.0f} s and was killed")
-            reply = self.conn.recv_bytes()
+            _send_frame(self.sock, data)
+            reply = _recv_frame(self.sock)
+        except BlockingIOError:  # SO_RCVTIMEO ran out: the child is alive and stuck
+            self.process.kill()
+            raise _ChildDied(
+                f"hung for more than {DECODE_TIMEOUT_S:.0f} s and was killed"
+            ) from None
         except (EOFError, OSError):
             raise _ChildDied(self._cause()) from None
         if reply[:1] == _FAILED:
@@ -220,7 +241,7 @@ class _Child:
         return f"exited with code {code}"
 
     def close(self) -> None:
-        self.conn.close()
+        self.sock.close()
         self.process.join(timeout=2)
         if self.process.is_alive():
             self.process.kill()
@@ -228,6 +249,42 @@ class _Child:
         self.shm.close()
         with contextlib.suppress(FileNotFoundError):
             self.shm.unlink()
+
+
+def _send_frame(sock: socket.socket, data: bytes) -> None:
+    """``data`` framed as ``Connection.send_bytes`` frames it, in one system call.
+
+    ``send_bytes`` writes the length and a payload over 16 KiB separately: the child wakes for
+    the four bytes and sleeps again for the rest, and this thread gives up and takes back the
+    GIL between the two writes, a wait behind every busy thread of the process.
+    """
+    size = len(data)
+    # Over 2 GiB (a --max-image-bytes that large): the long form Connection reads too.
+    header = _FRAME.pack(size) if size <= 0x7FFFFFFF else _FRAME.pack(-1) + _LONG.pack(size)
+    sent = sock.sendmsg([header, data])
+    if sent < len(header) + len(data):  # cut short (a signal): the rest, as send_bytes would
+        sock.sendall(memoryview(header + data)[sent:])
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    """One message the child sent with ``Connection.send_bytes``: one read when it is whole."""
+    buffer = sock.recv(_REPLY_READ)
+    while len(buffer) < _FRAME.size:
+        buffer += _recv_some(sock, _FRAME.size - len(buffer))
+    (size,) = _FRAME.unpack_from(buffer)
+    end = _FRAME.size + size
+    while len(buffer) < end:
+        buffer += _recv_some(sock, end - len(buffer))
+    if len(buffer) > end:  # the child answers once per request: more is a broken protocol
+        raise OSError(f"the decode process sent {len(buffer) - end} bytes it was not asked for")
+    return buffer[_FRAME.size :]
+
+
+def _recv_some(sock: socket.socket, size: int) -> bytes:
+    chunk = sock.recv(size)
+    if not chunk:
+        raise EOFError("the decode process closed its end")
+    return chunk
 
 
 # --- the child side -------------------------------------------------------------------------

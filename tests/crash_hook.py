@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 
 SEGFAULT = b"#segfault-the-decoder"
 ABORT = b"#abort-the-decoder"
 KILL_CONSUMER = b"#kill-the-consumer"  # as the kernel's OOM killer would
+HANG = b"#hang-the-decoder"
 
 
 def mark(data: bytes, marker: bytes) -> bytes:
@@ -29,3 +31,5 @@ def crash_on_marked(data: bytes, consumer_pid: int) -> None:
         os.abort()
     if tail.endswith(KILL_CONSUMER):
         os.kill(consumer_pid, signal.SIGKILL)
+    if tail.endswith(HANG):
+        time.sleep(3600)

@@ -9,12 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+import consumer.decode_pool
 from consumer.decode import DecodeLimits
 from consumer.decode_pool import ChildSpec, DecodeProcesses
 from consumer.errors import PermanentError
 from consumer.preprocess import ImagePreparer, InputSpec
 from tests.corpus import BAD_CASES, GOOD_CASES, photo_jpeg
-from tests.crash_hook import ABORT, SEGFAULT, mark
+from tests.crash_hook import ABORT, HANG, SEGFAULT, mark
 
 SPEC = InputSpec((3, 64, 64), "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 0.875, "center")
 LIMITS = DecodeLimits(max_pixels=50_000_000)
@@ -102,5 +103,28 @@ def test_an_image_needing_more_memory_than_the_limit_is_too_large() -> None:
         # still decodes in the same child
         assert caught.value.error_code == "too-large"
         assert pool(photo_jpeg(90, 60)).shape == (64, 64, 3)
+    finally:
+        pool.close()
+
+
+def test_a_decode_that_hangs_is_killed_and_fails_that_image_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN one decode process that gives up on an image after 1 s, and an image that hangs it
+    monkeypatch.setattr(consumer.decode_pool, "DECODE_TIMEOUT_S", 1.0)
+    pool = DecodeProcesses(child_spec(hook="tests.crash_hook:crash_on_marked"), workers=1)
+    try:
+        hung = pool.pids[0]
+
+        # WHEN the image is decoded
+        with pytest.raises(PermanentError) as caught:
+            pool(mark(photo_jpeg(90, 60, seed=3), HANG))
+
+        # THEN it fails alone as decoder-crashed, saying it hung, the stuck process is gone, and
+        # a new one decodes the next image
+        assert caught.value.error_code == "decoder-crashed"
+        assert "hung for more than 1 s" in caught.value.detail
+        assert pool(photo_jpeg(90, 60, seed=4)).shape == (64, 64, 3)
+        assert pool.pids != [hung] and not os.path.exists(f"/proc/{hung}/status")
     finally:
         pool.close()
