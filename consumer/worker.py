@@ -33,6 +33,7 @@ import threading
 import time
 
 from consumer.batch_queue import BatchQueue
+from consumer.decode_pool import DecodeProcesses
 from consumer.dedupe import ContentIndex
 from consumer.inflight import InFlight
 from consumer.metrics import MetricsEmitter
@@ -139,6 +140,7 @@ class Worker:
             # --overwrite recomputes everything: copies of existing features would defeat it.
             content_index=None if cfg.overwrite else content_index,
             decode_on_device=runtime.batch_decoder is not None,
+            decode_inline=isinstance(runtime.prepare, DecodeProcesses),
         )
         self.inference = Inference(
             backbone=runtime.backbone,

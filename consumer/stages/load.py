@@ -44,6 +44,7 @@ class Loader:
         head_first: bool,
         content_index: ContentIndex | None = None,
         decode_on_device: bool = False,
+        decode_inline: bool = False,
     ) -> None:
         self.s3 = s3
         self.inflight = inflight
@@ -59,6 +60,10 @@ class Loader:
         # --decode cuda: the inference thread decodes whole micro-batches on the device, so
         # the encoded bytes go straight to the batch queue.
         self.decode_on_device = decode_on_device
+        # Decode processes (the default) do the work and admit one image per child; the thread
+        # that fetched an image then only waits for one, so it decodes the image itself: a
+        # second pool would add a hand-off and a thread's wake-up per image and nothing else.
+        self.decode_inline = decode_inline
         self.fetch_pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="fetch")
         self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
 
@@ -96,6 +101,8 @@ class Loader:
             return self._fail(task, exc)
         if self.decode_on_device:
             return self._hand_over(task)
+        if self.decode_inline:
+            return self._decode(task)
         self.decode_pool.submit(self._decode, task)
         return None
 
