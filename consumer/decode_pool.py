@@ -7,7 +7,7 @@ one image at a time, so when a child dies the image it was given fails alone wit
 code ``decoder-crashed``, a new child takes its place and the worker goes on.
 
 The same processes take decoding off the GIL of the process that owns the model: the parent only
-writes the encoded bytes to a pipe and copies the ``(H, W, 3)`` uint8 result out of a shared
+writes the encoded bytes to a socket and copies the ``(H, W, 3)`` uint8 result out of a shared
 memory slot, no pickling of pixels, the way PyTorch's DataLoader feeds a GPU. Each child:
 
 - imports Pillow and numpy, never torch (see :mod:`consumer.pil_resize`), so it starts in a
@@ -15,7 +15,7 @@ memory slot, no pickling of pixels, the way PyTorch's DataLoader feeds a GPU. Ea
 - caps that address space (``RLIMIT_AS``) at what it has after start-up plus
   ``memory_bytes``, so a pathological image fails with ``too-large`` instead of inviting the
   kernel's out-of-memory killer to choose the consumer;
-- ignores SIGINT and SIGTERM (the consumer decides when decoding stops) and exits when its pipe
+- ignores SIGINT and SIGTERM (the consumer decides when decoding stops) and exits when its socket
   closes, which is also what happens when the consumer dies.
 """
 
@@ -91,8 +91,8 @@ class ChildSpec:
 class DecodeProcesses:
     """A :class:`~consumer.preprocess.Preparer` whose decodes run in crash-isolated children.
 
-    Call it from as many threads as there are children: each call takes an idle child, hands it
-    the bytes and blocks (GIL released) until the pixels or the failure come back.
+    Call it from any number of threads: each call waits for an idle child, hands it the bytes and
+    blocks (GIL released) until the pixels or the failure come back.
     """
 
     def __init__(self, spec: ChildSpec, workers: int) -> None:
@@ -115,11 +115,13 @@ class DecodeProcesses:
             raise TransientError("stopping", "decoding stopped with the worker")
         child = self._idle.get()
         try:
-            # Callers wait here for a child (every fetch thread may): one that gets its turn
-            # after close() must not replace a dead child, which would start a process no one
-            # stops.
-            if self._closed:
-                raise TransientError("stopping", "decoding stopped with the worker")
+            # Callers wait above for a child (every fetch thread may). close() stops the idle
+            # children and kills the busy ones, whose callers then close them (below): a caller
+            # whose turn comes after close() must neither use its child nor replace it.
+            with self._lock:
+                if self._closed:
+                    raise TransientError("stopping", "decoding stopped with the worker")
+                child.busy = True
             if child.dead:  # the child that crashed on the last image: replace it first
                 child = self._replace(child)
             return child.decode(data)
@@ -135,33 +137,49 @@ class DecodeProcesses:
             )
             raise PermanentError("decoder-crashed", f"the decoder process {died.cause}") from None
         finally:
-            self._idle.put(child)
+            with self._lock:
+                child.busy = False
+                closing = self._closed
+            if closing:
+                child.close()
+            self._idle.put(child)  # closed or not: the next waiter must wake to see close()
 
     def close(self) -> None:
-        """Stop every child (their pipes close; they exit); idempotent."""
-        self._closed = True
+        """Stop every child (their sockets close; they exit); idempotent.
+
+        An idle child is closed here; a busy one is killed, and the caller it was decoding for
+        closes it once its read ends, so that its shared memory is never released under a copy.
+        """
         with self._lock:
+            self._closed = True
             children, self._children = self._children, []
         for child in children:
-            child.close()
+            if child.busy:
+                child.process.kill()
+            else:
+                child.close()
 
     @property
     def pids(self) -> list[int]:
         with self._lock:
             return [child.pid for child in self._children]
 
-    def _spawn(self) -> _Child:
+    def _spawn(self, *, busy: bool = False) -> _Child:
         child = _Child(self._context, self.spec)
         with self._lock:
-            self._children.append(child)
-        return child
+            if not self._closed:
+                child.busy = busy
+                self._children.append(child)
+                return child
+        child.close()  # started while close() ran: no one else would stop it
+        raise TransientError("stopping", "decoding stopped with the worker")
 
     def _replace(self, dead: _Child) -> _Child:
         dead.close()
         with self._lock:
             if dead in self._children:
                 self._children.remove(dead)
-        return self._spawn()
+        return self._spawn(busy=True)
 
 
 class _ChildDied(Exception):
@@ -171,11 +189,14 @@ class _ChildDied(Exception):
 
 
 class _Child:
-    """One decode process, its pipe and its shared-memory output slot."""
+    """One decode process, its socket and its shared-memory output slot."""
 
     def __init__(self, context: Any, spec: ChildSpec) -> None:
         self.spec = spec
         self.dead = False
+        self.busy = False  # decoding for a caller (DecodeProcesses' lock guards it)
+        self._closing = threading.Lock()
+        self._closed = False
         self.shm = SharedMemory(create=True, size=spec.out_bytes)
         # A socket pair, as multiprocessing's duplex Pipe is: the child reads it through a
         # Connection; this side frames its messages itself (see _send_frame, _recv_frame).
@@ -241,14 +262,19 @@ class _Child:
         return f"exited with code {code}"
 
     def close(self) -> None:
-        self.sock.close()
-        self.process.join(timeout=2)
-        if self.process.is_alive():
-            self.process.kill()
+        # Idempotent, and safe from two threads: close() and the caller that used the child.
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self.sock.close()
             self.process.join(timeout=2)
-        self.shm.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.shm.unlink()
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout=2)
+            self.shm.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.shm.unlink()
 
 
 def _send_frame(sock: socket.socket, data: bytes) -> None:
@@ -262,8 +288,11 @@ def _send_frame(sock: socket.socket, data: bytes) -> None:
     # Over 2 GiB (a --max-image-bytes that large): the long form Connection reads too.
     header = _FRAME.pack(size) if size <= 0x7FFFFFFF else _FRAME.pack(-1) + _LONG.pack(size)
     sent = sock.sendmsg([header, data])
-    if sent < len(header) + len(data):  # cut short (a signal): the rest, as send_bytes would
-        sock.sendall(memoryview(header + data)[sent:])
+    # Cut short (a signal; over 2 GiB, Linux's cap on one call): the rest, without copying.
+    if sent < len(header):
+        sock.sendall(header[sent:])
+    if sent < len(header) + len(data):
+        sock.sendall(memoryview(data)[max(0, sent - len(header)) :])
 
 
 def _recv_frame(sock: socket.socket) -> bytes:
@@ -308,7 +337,7 @@ def serve(conn: multiprocessing.connection.Connection, shm_name: str, spec: Chil
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
-            break  # the consumer closed the pipe, or died
+            break  # the consumer closed the socket, or died
         try:
             if hook is not None:
                 hook(data, spec.consumer_pid)

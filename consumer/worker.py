@@ -281,7 +281,7 @@ class Worker:
         self.loader.shutdown()
         close_decoders = getattr(self.runtime.prepare, "close", None)
         if close_decoders is not None:
-            close_decoders()  # decode processes: their pipes close and they exit
+            close_decoders()  # decode processes: their sockets close and they exit
         self.writer.shutdown(wait=False)  # files; with shards it never had work
         self.heartbeat.stop()
         if self.spot_watch is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +14,7 @@ import pytest
 import consumer.decode_pool
 from consumer.decode import DecodeLimits
 from consumer.decode_pool import ChildSpec, DecodeProcesses
-from consumer.errors import PermanentError
+from consumer.errors import PermanentError, TransientError
 from consumer.preprocess import ImagePreparer, InputSpec
 from tests.corpus import BAD_CASES, GOOD_CASES, photo_jpeg
 from tests.crash_hook import ABORT, HANG, SEGFAULT, mark
@@ -107,6 +109,7 @@ def test_an_image_needing_more_memory_than_the_limit_is_too_large() -> None:
         pool.close()
 
 
+@pytest.mark.timeout(60)  # without the read's time limit the call would wait an hour
 def test_a_decode_that_hangs_is_killed_and_fails_that_image_alone(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,3 +131,54 @@ def test_a_decode_that_hangs_is_killed_and_fails_that_image_alone(
         assert pool.pids != [hung] and not os.path.exists(f"/proc/{hung}/status")
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_stops_a_busy_child_and_every_caller_waiting_for_one() -> None:
+    # GIVEN one decode process stuck on an image, and five more callers waiting for it
+    before = set(multiprocessing.active_children())
+    pool = DecodeProcesses(child_spec(hook="tests.crash_hook:crash_on_marked"), workers=1)
+    outcomes: list[str] = []
+
+    def attempt(data: bytes) -> None:
+        try:
+            pool(data)
+            outcomes.append("ok")
+        except TransientError as exc:
+            outcomes.append(exc.error_code)
+
+    stuck = threading.Thread(target=attempt, args=(mark(photo_jpeg(90, 60), HANG),))
+    stuck.start()
+    while not any(child.busy for child in pool._children):
+        threading.Event().wait(0.01)
+    waiting = [
+        threading.Thread(target=attempt, args=(photo_jpeg(90, 60, seed=i),)) for i in range(5)
+    ]
+    for thread in waiting:
+        thread.start()
+
+    # WHEN the pool is closed (the worker stopping)
+    pool.close()
+    for thread in [stuck, *waiting]:
+        thread.join(timeout=20)
+
+    # THEN every caller returns, told decoding stopped (not that its image is bad), and no
+    # decode process is left running
+    assert not any(thread.is_alive() for thread in [stuck, *waiting])
+    assert outcomes == ["stopping"] * 6
+    assert set(multiprocessing.active_children()) <= before
+
+
+def test_a_child_started_as_the_pool_closes_is_stopped_not_left_running() -> None:
+    # GIVEN a closed pool
+    before = set(multiprocessing.active_children())
+    pool = DecodeProcesses(child_spec(), workers=1)
+    pool.close()
+
+    # WHEN a caller that was replacing a crashed child starts its replacement
+    with pytest.raises(TransientError) as caught:
+        pool._spawn(busy=True)
+
+    # THEN it is told decoding stopped, and the new process was stopped, not left to run on
+    assert caught.value.error_code == "stopping"
+    assert set(multiprocessing.active_children()) <= before and pool.pids == []

@@ -65,3 +65,28 @@ def test_more_than_one_reply_is_a_broken_protocol() -> None:
         _recv_frame(parent)
     parent.close()
     child_end.close()
+
+
+class ShortSocket:
+    """A socket whose sendmsg stops after ``cut`` bytes, as one interrupted by a signal does."""
+
+    def __init__(self, cut: int) -> None:
+        self.cut = cut
+        self.stream = b""
+
+    def sendmsg(self, buffers: list[bytes]) -> int:
+        self.stream += b"".join(bytes(b) for b in buffers)[: self.cut]
+        return min(self.cut, sum(len(b) for b in buffers))
+
+    def sendall(self, data: bytes) -> None:
+        self.stream += bytes(data)
+
+
+@pytest.mark.parametrize("cut", [0, 2, 4, 5, 1000])
+def test_a_send_cut_short_sends_the_rest_once(cut: int) -> None:
+    sock = ShortSocket(cut)
+    data = bytes(range(200)) * 10
+
+    _send_frame(sock, data)  # type: ignore[arg-type]
+
+    assert sock.stream == len(data).to_bytes(4, "big") + data
