@@ -1,8 +1,11 @@
-"""Load: fetch each object from S3 (I/O threads), then decode and crop it (CPU threads).
+"""Load: fetch each object from S3 (I/O threads), then decode and crop it.
 
-Two pools because the costs differ: a GET is tens of milliseconds of waiting and about one of CPU,
-a decode is milliseconds of CPU with the GIL released by Pillow. The decoded uint8 pixels go to the
-batch queue; a full queue blocks the decoders, which is how a slow model pushes back.
+A GET is tens of milliseconds of waiting and about one of CPU; a decode is milliseconds of CPU.
+With decode processes (the default) the fetch thread hands its image to an idle process and
+waits, so the processes bound how many decodes run and the fetch threads how many encoded objects
+are held. Decoding in this process (``--decode-isolation threads``) runs on a second pool of one
+thread per core instead. The decoded uint8 pixels go to the batch queue; a full queue blocks
+whoever decoded, which is how a slow model pushes back.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class Loader:
-    """Fetch and decode pools feeding the batch queue."""
+    """Fetch threads (and, decoding in this process, decode threads) feeding the batch queue."""
 
     def __init__(
         self,
@@ -160,6 +163,8 @@ class Loader:
             task.pixels = self.prepare(task.data)
             task.data = None  # the encoded bytes are no longer needed: keep memory bounded
         except Exception as exc:
+            if self.halted.is_set():  # the decoders stopped under it: released, not failed
+                return None
             return self._fail(task, exc)
         return self._hand_over(task)
 

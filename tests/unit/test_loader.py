@@ -11,6 +11,7 @@ import pytest
 from bottleneck_contract.messages import ImageRef
 from consumer.batch_queue import BatchQueue
 from consumer.decode import DecodeLimits
+from consumer.errors import TransientError
 from consumer.inflight import InFlight
 from consumer.objects import Fetched
 from consumer.stages.load import Loader
@@ -78,3 +79,27 @@ def test_decode_runs_on_the_fetching_thread_only_when_inline(inline: bool, threa
     assert sorted(t.ref.key for t in got) == [f"k{i}" for i in range(8)]
     assert all(t.pixels is not None and t.data is None for t in got)
     assert {name.split("_")[0] for name in prepare.threads} == {thread}
+
+
+def test_an_image_whose_decoders_stopped_with_the_worker_is_left_for_the_release() -> None:
+    # GIVEN decode processes that the stopping worker closes while an image waits for one
+    halted = threading.Event()
+
+    class Stopped(RecordingPreparer):
+        def __call__(self, data: bytes) -> np.ndarray:
+            halted.set()
+            raise TransientError("stopping", "decoding stopped with the worker")
+
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(Stopped(), out, inline=True)
+    load.halted = halted
+    image = task("k")
+    image.data = b"encoded"
+
+    # WHEN the fetch thread's decode fails that way
+    load._decode(image)
+
+    # THEN it is not counted as a failed image nor resolved: the release owns its message
+    assert load.stats.summary()["images_failed"] == 0
+    assert image.failure is None and image.outcome is None
+    assert out.take(1, max_wait=0.0, first_wait=0.0) == []
