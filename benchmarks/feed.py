@@ -355,6 +355,10 @@ def _run_window(
             "gil_note": "; ".join(x for x in (gil_note, gil_report.note) if x),
             "requests_per_image": counter.per_image(images),
             "moto_cpu_ms_per_image": round(1000 * moto_cpu / images, 2),
+            # The machine's speed in the window: the moto server does the same work per image,
+            # so its CPU per image moves with the machine (25 to 33 ms on one day, same code),
+            # and this ratio compares runs where the reference, taken before, does not.
+            "outside_model_cpu_per_moto_cpu": relative_cpu(cpu_ms, 1000 * moto_cpu / images),
             "ceilings": ceilings(gil_cpu_ms, cpu_ms),
             "unpriced_requests": unpriced(counter.per_image(images)),
             "wall_clock": ["seconds", "images_per_s", "gil_ms_per_image"],
@@ -364,6 +368,11 @@ def _run_window(
         result["requests_per_image"], result["ceilings"]["rows"]
     )
     return result
+
+
+def relative_cpu(cpu_ms: float, moto_ms: float) -> float | None:
+    """The consumer's CPU outside the model per image over the moto server's, or None."""
+    return round(cpu_ms / moto_ms, 4) if moto_ms > 0 else None
 
 
 def sampling_error(row: dict[str, Any]) -> str:
@@ -405,6 +414,12 @@ def format_feed(row: dict[str, Any]) -> str:
     reqs = ", ".join(f"{k} {v}" for k, v in row["requests_per_image"].items())
     moto = row["moto_cpu_ms_per_image"]
     lines.append(f"feed: requests per image: {reqs}; moto server CPU {moto} ms/image")
+    if row.get("outside_model_cpu_per_moto_cpu") is not None:
+        lines.append(
+            "feed: CPU outside the model over the moto server's CPU, per image: "
+            f"{row['outside_model_cpu_per_moto_cpu']} (the moto server's work per image is"
+            " fixed, so this compares runs on a machine whose speed drifts)"
+        )
     ceiling = row["ceilings"]
     lines.append(
         f"feed: one process's ceiling (1000 / GIL ms on a CPU): "

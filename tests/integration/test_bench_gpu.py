@@ -51,6 +51,7 @@ def test_cpu_set_runs_every_row_and_writes_json_and_table(
     assert {"child-processes", "fetch", "write", "receive"} <= stages
     assert "decode" not in stages
     assert feed["layout"] == "files" and feed["machine_reference_ms"] > 0
+    assert feed["outside_model_cpu_per_moto_cpu"] > 0
     assert feed["s3_client"] in {"obstore", "boto3"}
     # The consumer's own clients, as in production: the native S3 client and the lean SQS one
     assert feed["sqs_client"] == "lean"
