@@ -235,6 +235,8 @@ class Receiver(threading.Thread):
                         "message_id": message.message_id,
                         "receive_count": message.receive_count,
                         "deaths_alone": deaths,
+                        # Which images: what an operator (or a test) looks for in the logs.
+                        "keys": [task.ref.key for task in message.images[:5]],
                     }
                 },
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -295,19 +296,25 @@ class AfterASuspect:
         return []
 
 
-def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled() -> None:
+def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # GIVEN a careful receiver that gets a suspect, then fresh messages
     stop = threading.Event()
     work_queue = AfterASuspect(stop, count=6)
 
     # WHEN it runs through them, the pipeline settling an image in 0.1 s
-    receivers = careful_receivers(work_queue, stop, n=1, settle_s=0.1)
+    with caplog.at_level(logging.INFO, logger="consumer.stages.receive"):
+        receivers = careful_receivers(work_queue, stop, n=1, settle_s=0.1)
 
     # THEN it received each only once the one before was settled: were the fresh one poison,
     # nothing else (a suspect above all) would have spent a receive beside it
     assert not receivers[0].is_alive()
     assert [m.settled for m in work_queue.returned] == [True] * 6
     assert work_queue.beside_unsettled == []
+    # (and the log of the suspect's solo run names its image, which the message id does not)
+    alone = [r for r in caplog.records if r.getMessage() == "running a redelivered message alone"]
+    assert [r.fields["keys"] for r in alone] == [["k"]]  # type: ignore[attr-defined]
 
 
 class Redelivers:
