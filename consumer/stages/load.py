@@ -66,16 +66,20 @@ class Loader:
         # Decode processes (the default) do the work and admit one image per child; the thread
         # that fetched an image then only waits for one, so it decodes the image itself: a
         # second pool would add a hand-off and a thread's wake-up per image and nothing else.
-        self.decode_inline = decode_inline
         self.fetch_pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="fetch")
-        self.decode_pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        self.decode_pool = (
+            None
+            if decode_inline or decode_on_device
+            else ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+        )
 
     def submit(self, task: ImageTask) -> None:
         self.fetch_pool.submit(self._fetch, task)
 
     def shutdown(self) -> None:
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def _abandoned(self, task: ImageTask) -> bool:
         """A lost message's image is dropped; a halted worker leaves it for the release."""
@@ -104,7 +108,7 @@ class Loader:
             return self._fail(task, exc)
         if self.decode_on_device:
             return self._hand_over(task)
-        if self.decode_inline:
+        if self.decode_pool is None:
             return self._decode(task)
         self.decode_pool.submit(self._decode, task)
         return None
