@@ -133,6 +133,7 @@ class InFlight:
         self._resolve(task)
 
     def _resolve(self, task: ImageTask) -> None:
+        task.drop_data()  # whatever path it took, its encoded bytes are no longer needed
         message = task.message
         with self._cond:
             if self._messages.get(message.message_id) is not message:

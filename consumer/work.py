@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from bottleneck_contract.messages import ImageRef
+from consumer.byte_budget import ByteBudget
 from consumer.errors import Failure
 
 
@@ -52,3 +53,13 @@ class ImageTask:
         None  # written | replaced | exists | superseded | source-gone | copied | dropped
     )
     failure: Failure | None = None
+    # The share of the worker's budget of encoded bytes that ``data`` holds (consumer.byte_budget).
+    budget: ByteBudget | None = None
+    budgeted: int = 0
+
+    def drop_data(self) -> None:
+        """Let go of the encoded bytes and give their share of the budget back (once)."""
+        self.data = None
+        budget, self.budget = self.budget, None
+        if budget is not None:
+            budget.give(self.budgeted)

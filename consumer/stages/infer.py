@@ -156,7 +156,7 @@ class Inference(threading.Thread):
         decoded = self.batch_decoder.decode([task.data or b"" for task in batch])
         for index, failure in decoded.failures.items():
             task = batch[index]
-            task.data = None
+            task.drop_data()
             self.stats.image_failed(failure.error_code, permanent=failure.permanent)
             self.inflight.failed(task, failure)
         kept = [batch[index] for index in decoded.indices]
@@ -191,7 +191,7 @@ class Inference(threading.Thread):
         for task, row in zip(batch, features, strict=True):
             task.features = row
             task.pixels = None
-            task.data = None  # --decode cuda kept the bytes until the batch was done
+            task.drop_data()  # --decode cuda kept the bytes until the batch was done
             self.sink(task)
         self._grow()
 

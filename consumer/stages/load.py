@@ -4,8 +4,10 @@ A GET is tens of milliseconds of waiting and about one of CPU; a decode is milli
 With decode processes (the default) the fetch thread hands its image to an idle process and
 waits, so the processes bound how many decodes run and the fetch threads how many encoded objects
 are held. Decoding in this process (``--decode-isolation threads``) runs on a second pool of one
-thread per core instead. The decoded uint8 pixels go to the batch queue; a full queue blocks
-whoever decoded, which is how a slow model pushes back.
+thread per core instead. Whatever the path, the encoded bytes held at once are bounded by a
+budget (:mod:`consumer.byte_budget`) that each fetch takes its image's size from, before its GET
+where the message names the size. The decoded uint8 pixels go to the batch queue; a full queue
+blocks whoever decoded, which is how a slow model pushes back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from bottleneck_contract.features import is_current
 from consumer import storage
 from consumer.batch_queue import BatchQueue
+from consumer.byte_budget import ByteBudget
 from consumer.dedupe import ContentIndex, content_hash
 from consumer.errors import classify
 from consumer.inflight import InFlight
@@ -48,6 +51,7 @@ class Loader:
         content_index: ContentIndex | None = None,
         decode_on_device: bool = False,
         decode_inline: bool = False,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.s3 = s3
         self.inflight = inflight
@@ -63,6 +67,8 @@ class Loader:
         # --decode cuda: the inference thread decodes whole micro-batches on the device, so
         # the encoded bytes go straight to the batch queue.
         self.decode_on_device = decode_on_device
+        # The encoded bytes held between the GETs and the decodes (consumer.byte_budget).
+        self.budget = budget
         # Decode processes (the default) do the work and admit one image per child; the thread
         # that fetched an image then only waits for one, so it decodes the image itself: a
         # second pool would add a hand-off and a thread's wake-up per image and nothing else.
@@ -77,6 +83,8 @@ class Loader:
         self.fetch_pool.submit(self._fetch, task)
 
     def shutdown(self) -> None:
+        if self.budget is not None:
+            self.budget.close()  # fetches waiting for bytes give up: the worker is halted
         self.fetch_pool.shutdown(wait=False, cancel_futures=True)
         if self.decode_pool is not None:
             self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -94,7 +102,16 @@ class Loader:
         try:
             if self.head_first and self._already_done(task, task.ref.etag):
                 return None
+            # The size the message names is taken before the GET, so that the budget bounds
+            # the fetches too; without one (or one that is too large), after it.
+            named = task.ref.size if (task.ref.size or 0) <= self.max_bytes else None
+            if named is not None and not self._hold(task, named):
+                return None  # halted while waiting for the budget
             fetched = storage.fetch(self.s3, task.ref, max_bytes=self.max_bytes)
+            if named is not None:
+                self._resize_hold(task, len(fetched.data))
+            elif not self._hold(task, len(fetched.data)):
+                return None
             task.source_etag = fetched.etag
             task.data = fetched.data
             task.content_sha256 = content_hash(fetched.data)
@@ -112,6 +129,27 @@ class Loader:
             return self._decode(task)
         self.decode_pool.submit(self._decode, task)
         return None
+
+    def _hold(self, task: ImageTask, size: int) -> bool:
+        """Take ``size`` bytes of the budget for ``task``, waiting while it is spent (``False``
+        once the worker halts). Given back by :meth:`ImageTask.drop_data`, which resolving the
+        image calls in any case."""
+        if self.budget is None:
+            return True
+        if not self.budget.take(size):
+            return False
+        task.budget, task.budgeted = self.budget, size
+        return True
+
+    def _resize_hold(self, task: ImageTask, size: int) -> None:
+        """The object's real size, where its message named another (it was replaced since)."""
+        if task.budget is None or size == task.budgeted:
+            return
+        if size > task.budgeted:
+            task.budget.add(size - task.budgeted)
+        else:
+            task.budget.give(task.budgeted - size)
+        task.budgeted = size
 
     def _already_done(self, task: ImageTask, etag: str | None) -> bool:
         """``--existing-check head``: skip an image whose current feature file is there."""
@@ -140,7 +178,7 @@ class Loader:
                 source_etag=task.source_etag,
             )
             outcome = "copied"
-        task.data = None
+        task.drop_data()
         self.stats.image_done(outcome)
         self.inflight.done(task, outcome)
         return True
@@ -165,7 +203,7 @@ class Loader:
         try:
             assert task.data is not None
             task.pixels = self.prepare(task.data)
-            task.data = None  # the encoded bytes are no longer needed: keep memory bounded
+            task.drop_data()  # the encoded bytes are no longer needed: keep memory bounded
         except Exception as exc:
             if self.halted.is_set():  # the decoders stopped under it: released, not failed
                 return None

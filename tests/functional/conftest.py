@@ -128,6 +128,8 @@ def run_consumer(stack: Stack) -> Callable[..., tuple[Runtime, Stats]]:
         runtime = build_runtime(config, clients or Clients(stack.s3, stack.sqs))
         worker = Worker(runtime)
         assert worker.run() == 0
+        # Every image resolved gave its encoded bytes back, whichever way it ended.
+        assert worker.loader.budget is not None and worker.loader.budget.held == 0
         return runtime, worker.stats
 
     return run

@@ -16,6 +16,7 @@ import torch
 
 from bottleneck_contract.messages import ImageRef
 from consumer.batch_queue import BatchQueue
+from consumer.byte_budget import ByteBudget
 from consumer.decode import DecodeLimits
 from consumer.gpu_decode import GpuBatchDecoder, TorchvisionDecoder
 from consumer.inflight import InFlight
@@ -65,6 +66,10 @@ def test_a_micro_batch_is_decoded_on_the_device_and_a_bad_image_fails_alone() ->
     png = GOOD_CASES["rgba.png"]
     cut = photo_jpeg(300, 200, seed=9)[:-700]
     batch = [task(n, d) for n, d in jpegs.items()] + [task("a.png", png), task("cut.jpg", cut)]
+    budget = ByteBudget(1 << 30)  # each image holds its bytes' share, as the fetch took it
+    for t in batch:
+        assert t.data is not None and budget.take(len(t.data))
+        t.budget, t.budgeted = budget, len(t.data)
 
     # WHEN it runs the batch
     submitted = inference._submit(batch)
@@ -83,4 +88,6 @@ def test_a_micro_batch_is_decoded_on_the_device_and_a_bad_image_fails_alone() ->
         relative = np.linalg.norm(t.features - row) / np.linalg.norm(row)
         cosine = float(np.dot(t.features, row) / (np.linalg.norm(t.features) * np.linalg.norm(row)))
         assert relative <= 0.01 and cosine >= 0.9999, (t.ref.key, relative, cosine)
+    # AND every image let its encoded bytes go once its batch was done, giving the budget back
     assert all(t.data is None for t in computed)
+    assert budget.held == 0

@@ -1,4 +1,5 @@
-"""The load stage: which thread decodes, and what a fetched image holds on its way."""
+"""The load stage: which thread decodes, what a fetched image holds on its way, and the budget
+that bounds the encoded bytes held at once."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from bottleneck_contract.messages import ImageRef
 from consumer.batch_queue import BatchQueue
+from consumer.byte_budget import ByteBudget
 from consumer.decode import DecodeLimits
 from consumer.errors import TransientError
 from consumer.inflight import InFlight
@@ -39,9 +41,17 @@ class RecordingPreparer:
         return np.full((2, 2, 3), len(data), np.uint8)
 
 
-def loader(prepare: RecordingPreparer, out: BatchQueue[ImageTask], *, inline: bool) -> Loader:
+def loader(
+    prepare: RecordingPreparer,
+    out: BatchQueue[ImageTask],
+    *,
+    inline: bool,
+    objects: object | None = None,
+    budget: ByteBudget | None = None,
+    on_device: bool = False,
+) -> Loader:
     return Loader(
-        s3=Objects(),  # type: ignore[arg-type]
+        s3=objects or Objects(),  # type: ignore[arg-type]
         inflight=InFlight(64, on_settle=lambda action: None),
         out=out,
         stats=Stats(),
@@ -53,12 +63,15 @@ def loader(prepare: RecordingPreparer, out: BatchQueue[ImageTask], *, inline: bo
         fingerprint="f",
         head_first=False,
         decode_inline=inline,
+        decode_on_device=on_device,
+        budget=budget,
     )
 
 
-def task(key: str) -> ImageTask:
+def task(key: str, size: int | None = None) -> ImageTask:
     message = Message("m-" + key, "r", "{}", 1, time.monotonic(), time.monotonic() + 60)
-    return ImageTask(message=message, ref=ImageRef("images", key), output_key=key + ".npy")
+    ref = ImageRef("images", key, size=size)
+    return ImageTask(message=message, ref=ref, output_key=key + ".npy")
 
 
 @pytest.mark.parametrize(("inline", "thread"), [(True, "fetch"), (False, "decode")])
@@ -103,3 +116,166 @@ def test_an_image_whose_decoders_stopped_with_the_worker_is_left_for_the_release
     assert load.stats.summary()["images_failed"] == 0
     assert image.failure is None and image.outcome is None
     assert out.take(1, max_wait=0.0, first_wait=0.0) == []
+
+
+class SizedObjects:
+    """Objects of given sizes; records each GET, and fails those named in ``failing``."""
+
+    name = "fake"
+
+    def __init__(self, sizes: dict[str, int], failing: frozenset[str] = frozenset()) -> None:
+        self.sizes = sizes
+        self.failing = failing
+        self.gets: list[str] = []
+        self._lock = threading.Lock()
+
+    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+        with self._lock:
+            self.gets.append(key)
+        if key in self.failing:
+            raise TransientError("aws-unavailable", "503")
+        return Fetched(data=b"x" * self.sizes[key], etag="e")
+
+
+class BlockedPreparer(RecordingPreparer):
+    """Decodes only once released; records the budget held as each decode starts."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        super().__init__()
+        self.budget = budget
+        self.release = threading.Event()
+        self.held_at_start: list[int] = []
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        self.held_at_start.append(self.budget.held)
+        assert self.release.wait(10)
+        return super().__call__(data)
+
+
+def wait_until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_fetches_wait_before_their_get_while_the_budget_is_held_by_undecoded_images() -> None:
+    # GIVEN a budget of 100 bytes, four fetch threads, decodes that do not finish yet, and six
+    # images of 40 bytes whose messages name their sizes
+    budget = ByteBudget(100)
+    prepare = BlockedPreparer(budget)
+    objects = SizedObjects({f"k{i}": 40 for i in range(6)})
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(prepare, out, inline=True, objects=objects, budget=budget)
+
+    # WHEN all six are submitted
+    for i in range(6):
+        load.submit(task(f"k{i}", size=40))
+
+    # THEN only two are fetched (80 bytes held: a third would pass 100) until decodes finish;
+    # then all six are, and every byte comes back
+    wait_until(lambda: len(prepare.held_at_start) == 2)
+    time.sleep(0.1)
+    assert len(objects.gets) == 2 and budget.held == 80
+    prepare.release.set()
+    got = out.take(6, max_wait=10.0, first_wait=10.0)
+    load.shutdown()
+    assert len(got) == 6 and len(objects.gets) == 6
+    assert max(prepare.held_at_start) <= 100
+    assert budget.held == 0
+
+
+def test_with_decode_on_the_device_the_bytes_are_held_until_the_image_is_resolved() -> None:
+    # GIVEN --decode cuda's path (encoded bytes to the batch queue) and a budget of 100 bytes
+    budget = ByteBudget(100)
+    objects = SizedObjects({f"k{i}": 40 for i in range(3)})
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(RecordingPreparer(), out, inline=False, objects=objects, budget=budget)
+    load.decode_on_device = True
+
+    # WHEN three images of 40 bytes are submitted
+    for i in range(3):
+        load.submit(task(f"k{i}", size=40))
+    queued = out.take(2, max_wait=10.0, first_wait=10.0)
+
+    # THEN two wait in the queue with their bytes and the third waits for the budget, until one
+    # of the two is resolved (as the inference thread does once the batch's features are back)
+    time.sleep(0.1)
+    assert len(queued) == 2 and all(t.data for t in queued)
+    assert len(objects.gets) == 2 and budget.held == 80
+    load.inflight.done(queued[0], "written")
+    third = out.take(1, max_wait=10.0, first_wait=10.0)
+    load.shutdown()
+    assert len(third) == 1 and budget.held == 80
+    assert queued[0].data is None
+
+
+def test_a_size_the_message_does_not_name_or_names_wrongly_is_held_as_fetched() -> None:
+    # GIVEN a budget, and two images: one whose message names no size, one whose message names
+    # 10 bytes for an object replaced since by one of 30
+    budget = ByteBudget(1000)
+    prepare = BlockedPreparer(budget)
+    objects = SizedObjects({"unnamed": 25, "replaced": 30})
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(prepare, out, inline=True, objects=objects, budget=budget)
+
+    # WHEN each is loaded on its own
+    load.submit(task("unnamed"))
+    wait_until(lambda: len(prepare.held_at_start) == 1)
+    prepare.release.set()
+    assert out.take(1, max_wait=10.0, first_wait=10.0)
+    prepare.release.clear()
+    load.submit(task("replaced", size=10))
+    wait_until(lambda: len(prepare.held_at_start) == 2)
+    prepare.release.set()
+    assert out.take(1, max_wait=10.0, first_wait=10.0)
+    load.shutdown()
+
+    # THEN each held its real size while it waited for its decode, and gave it all back
+    assert prepare.held_at_start == [25, 30]
+    assert budget.held == 0
+
+
+def test_an_image_that_fails_gives_its_bytes_back() -> None:
+    # GIVEN a budget, and a GET that fails after the named size was taken
+    budget = ByteBudget(100)
+    objects = SizedObjects({"bad": 60, "good": 60}, failing=frozenset({"bad"}))
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(RecordingPreparer(), out, inline=True, objects=objects, budget=budget)
+
+    # WHEN it is loaded, then another that would not fit beside it
+    bad = task("bad", size=60)
+    load.submit(bad)
+    wait_until(lambda: bad.failure is not None)
+    load.submit(task("good", size=60))
+    got = out.take(1, max_wait=10.0, first_wait=10.0)
+    load.shutdown()
+
+    # THEN the failure gave the budget back, and the other went through
+    assert bad.failure is not None and bad.failure.error_code == "aws-unavailable"
+    assert [t.ref.key for t in got] == ["good"]
+    assert budget.held == 0
+
+
+def test_a_fetch_waiting_for_the_budget_gives_up_without_its_get_when_the_worker_stops() -> None:
+    # GIVEN a spent budget (an undecoded image holds it) and a second image waiting for it
+    budget = ByteBudget(100)
+    prepare = BlockedPreparer(budget)
+    objects = SizedObjects({"first": 100, "second": 50})
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(prepare, out, inline=True, objects=objects, budget=budget)
+    load.submit(task("first", size=100))
+    wait_until(lambda: len(prepare.held_at_start) == 1)
+    second = task("second", size=50)
+    load.submit(second)
+    wait_until(lambda: len(budget._line) == 1)
+
+    # WHEN the worker halts and the loader shuts down
+    load.halted.set()
+    load.shutdown()
+    prepare.release.set()
+    wait_until(lambda: not budget._line)
+
+    # THEN the waiting image was never fetched, nor failed: the release owns its message
+    assert objects.gets == ["first"]
+    assert second.failure is None and second.outcome is None

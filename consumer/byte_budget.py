@@ -1,0 +1,100 @@
+"""A bound on the encoded image bytes a worker holds at once, whatever the images' sizes.
+
+The in-flight cap counts images, and the threads and queues between S3 and the decoder bound
+*how many* images hold their encoded bytes: the fetch threads (128), and, where decoded images do
+not leave the fetch thread, the decode queue (``--decode-isolation threads``) or the batches of
+``--decode cuda``, which keep their bytes until the batch's features are back (an out-of-memory
+halving decodes them again). Only ``--max-image-bytes`` (64 MiB) bounds each one's size, so a
+corpus of large scans could hold 128 x 64 MiB = 8 GiB on the default path, and 20-28 GiB on the
+other two: more than the job's memory, and the OOM killer would then bring back every message the
+consumer held, each with its receive count raised.
+
+So each fetch takes its image's size from one shared budget before its GET (the size the
+message names, as S3 events and listings do; after the GET for a message without one) and
+gives it back when the bytes are dropped: decoded, or the image resolved. A take waits while
+the budget is spent, first come first served, so a large image is not starved by a stream of
+small ones; one image larger than the whole budget still goes through once nothing else is held.
+With typical images (a few MB) the budget is never reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+log = logging.getLogger(__name__)
+
+# The default budget: four batches of 64 images of 16 MB each (the --decode cuda pipeline holds
+# up to four: two queued, one being decoded or computed, one whose features are on their way),
+# and a small share of the 28,000 MiB job of the stack's default GPU instances.
+ENCODED_BYTES = 4 * 1024**3
+
+
+class ByteBudget:
+    """Bytes taken and given back by many threads; :meth:`take` waits in arrival order."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 byte, not {capacity}")
+        self.capacity = capacity
+        self._held = 0
+        self._closed = False
+        self._cond = threading.Condition(threading.Lock())
+        self._line: deque[object] = deque()  # waiting takers, first come first served
+        self._waited = False
+
+    @property
+    def held(self) -> int:
+        with self._cond:
+            return self._held
+
+    def take(self, size: int) -> bool:
+        """Wait until ``size`` bytes fit (or nothing is held), then hold them. ``False``, holding
+        nothing, once the budget is closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            if not self._line and self._fits(size):  # the common case: no wait, no ticket
+                self._held += size
+                return True
+            if not self._waited:
+                self._waited = True
+                log.info(
+                    "the encoded images held reached their budget; fetches now wait for decodes",
+                    extra={"fields": {"budget_mib": self.capacity >> 20, "held": self._held}},
+                )
+            ticket = object()
+            self._line.append(ticket)
+            try:
+                while not self._closed and not (self._line[0] is ticket and self._fits(size)):
+                    self._cond.wait()
+                if self._closed:
+                    return False
+                self._held += size
+                return True
+            finally:
+                self._line.remove(ticket)
+                # The next in line may fit too (several small images after a large one left).
+                self._cond.notify_all()
+
+    def add(self, size: int) -> None:
+        """Hold ``size`` more bytes without waiting: an object larger than its message said. (A
+        holder that waited for more could wait for another holder doing the same.)"""
+        with self._cond:
+            self._held += size
+
+    def give(self, size: int) -> None:
+        with self._cond:
+            self._held -= size
+            if self._line:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiting taker with ``False``; later takes return ``False`` too."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _fits(self, size: int) -> bool:
+        return self._held == 0 or self._held + size <= self.capacity

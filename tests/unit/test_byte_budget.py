@@ -1,0 +1,137 @@
+"""The budget of encoded bytes: takes wait while it is spent, in arrival order, and a close
+wakes every waiter empty-handed."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from consumer.byte_budget import ByteBudget
+
+
+def taker(budget: ByteBudget, size: int, got: list[tuple[int, bool]]) -> threading.Thread:
+    thread = threading.Thread(target=lambda: got.append((size, budget.take(size))), daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def waiting(budget: ByteBudget) -> int:
+    with budget._cond:
+        return len(budget._line)
+
+
+def test_takes_that_fit_do_not_wait_and_one_that_does_not_waits_for_a_give() -> None:
+    # GIVEN a budget of 100 bytes with 70 taken
+    budget = ByteBudget(100)
+    assert budget.take(70)
+    got: list[tuple[int, bool]] = []
+
+    # WHEN 40 more are asked for
+    thread = taker(budget, 40, got)
+    wait_for(lambda: waiting(budget) == 1)
+
+    # THEN they wait until 10 of the 70 come back, and are then held
+    assert got == []
+    budget.give(10)
+    thread.join(10)
+    assert got == [(40, True)]
+    assert budget.held == 100
+
+
+def test_an_image_larger_than_the_whole_budget_goes_through_once_nothing_is_held() -> None:
+    # GIVEN a budget of 100 bytes with 1 held
+    budget = ByteBudget(100)
+    assert budget.take(1)
+    got: list[tuple[int, bool]] = []
+
+    # WHEN 500 are asked for
+    thread = taker(budget, 500, got)
+    wait_for(lambda: waiting(budget) == 1)
+
+    # THEN they are held as soon as the 1 comes back (never starved for being too large)
+    budget.give(1)
+    thread.join(10)
+    assert got == [(500, True)]
+
+
+def test_a_large_take_is_not_overtaken_by_small_ones_that_arrive_after_it() -> None:
+    # GIVEN a budget of 100 with 60 held, and a take of 80 waiting
+    budget = ByteBudget(100)
+    assert budget.take(60)
+    got: list[tuple[int, bool]] = []
+    large = taker(budget, 80, got)
+    wait_for(lambda: waiting(budget) == 1)
+
+    # WHEN takes of 10 arrive after it (each would fit beside the 60)
+    small = [taker(budget, 10, got) for _ in range(3)]
+    wait_for(lambda: waiting(budget) == 4)
+
+    # THEN they wait behind it; once the 60 come back the 80 go first, then two of the tens
+    assert got == []
+    budget.give(60)
+    large.join(10)
+    wait_for(lambda: len(got) == 3)
+    assert got[0] == (80, True)
+    assert budget.held == 100
+    assert waiting(budget) == 1
+    budget.close()
+    for thread in small:
+        thread.join(10)
+    assert got[-1] == (10, False)
+
+
+def test_a_close_wakes_every_waiter_empty_handed_and_refuses_later_takes() -> None:
+    # GIVEN a spent budget with three takes waiting
+    budget = ByteBudget(10)
+    assert budget.take(10)
+    got: list[tuple[int, bool]] = []
+    threads = [taker(budget, 5, got) for _ in range(3)]
+    wait_for(lambda: waiting(budget) == 3)
+
+    # WHEN it is closed
+    budget.close()
+    for thread in threads:
+        thread.join(10)
+
+    # THEN each returns False holding nothing, and so does any later take, even one that fits
+    assert got == [(5, False)] * 3
+    assert budget.held == 10
+    budget.give(10)
+    assert not budget.take(1)
+    assert budget.held == 0
+
+
+def test_bytes_added_without_waiting_count_until_given_back() -> None:
+    # GIVEN a budget of 100 with 90 held, 20 of them added past the limit without a wait
+    budget = ByteBudget(100)
+    assert budget.take(70)
+    budget.add(20)
+    budget.add(20)
+    got: list[tuple[int, bool]] = []
+
+    # WHEN 5 are asked for
+    thread = taker(budget, 5, got)
+    wait_for(lambda: waiting(budget) == 1)
+
+    # THEN they wait until the held bytes are back under the limit with room for them
+    budget.give(10)
+    time.sleep(0.05)
+    assert got == []
+    budget.give(10)
+    thread.join(10)
+    assert got == [(5, True)]
+    assert budget.held == 95
+
+
+def test_a_budget_needs_at_least_one_byte() -> None:
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        ByteBudget(0)
