@@ -1,8 +1,8 @@
 """A bound on the encoded image bytes a worker holds at once, whatever the images' sizes.
 
 The in-flight cap counts images, and the threads and queues between S3 and the decoder bound
-*how many* images hold their encoded bytes: the fetch threads (128), and, where decoded images do
-not leave the fetch thread, the decode queue (``--decode-isolation threads``) or the batches of
+*how many* images hold their encoded bytes: the fetch threads (128), and, where images leave the
+fetch thread undecoded, the decode queue (``--decode-isolation threads``) or the batches of
 ``--decode cuda``, which keep their bytes until the batch's features are back (an out-of-memory
 halving decodes them again). Only ``--max-image-bytes`` (64 MiB) bounds each one's size, so a
 corpus of large scans could hold 128 x 64 MiB = 8 GiB on the default path, and 20-28 GiB on the
@@ -10,11 +10,12 @@ other two: more than the job's memory, and the OOM killer would then bring back 
 consumer held, each with its receive count raised.
 
 So each fetch takes its image's size from one shared budget before its GET (the size the
-message names, as S3 events and listings do; after the GET for a message without one) and
-gives it back when the bytes are dropped: decoded, or the image resolved. A take waits while
-the budget is spent, first come first served, so a large image is not starved by a stream of
-small ones; one image larger than the whole budget still goes through once nothing else is held.
-With typical images (a few MB) the budget is never reached.
+message names, as S3 events and listings do) and gives it back when the bytes are dropped:
+decoded, or the image resolved. A message without a size is counted after its GET: the objects
+that then wait for the budget in memory are bounded by the fetch threads, as before. A take
+waits while the budget is spent, first come first served, so a large image is not starved by a
+stream of small ones; one image larger than the whole budget still goes through once nothing
+else is held. With typical images (a few MB) the budget is never reached.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ those of the exact path within the issue's tolerance.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import timm
@@ -90,4 +91,51 @@ def test_a_micro_batch_is_decoded_on_the_device_and_a_bad_image_fails_alone() ->
         assert relative <= 0.01 and cosine >= 0.9999, (t.ref.key, relative, cosine)
     # AND every image let its encoded bytes go once its batch was done, giving the budget back
     assert all(t.data is None for t in computed)
+    assert budget.held == 0
+
+
+def test_a_batch_halved_for_device_memory_decodes_again_and_gives_its_bytes_back() -> None:
+    # GIVEN the inference stage with a batched decoder on a device that runs out of memory
+    # above 2 images, and a batch of 6 JPEGs each holding its bytes' share of a budget
+    model = backbone()
+    real_submit = model.submit
+    sizes: dict[str, list[int]] = {"oom": [], "ok": []}
+
+    def small_device(pixels: torch.Tensor) -> Any:
+        fits = pixels.shape[0] <= 2
+        sizes["ok" if fits else "oom"].append(int(pixels.shape[0]))
+        if not fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_submit(pixels)
+
+    model.submit = small_device  # type: ignore[method-assign,assignment]
+    decoder = GpuBatchDecoder(model.spec, DecodeLimits(), CPU, backend=TorchvisionDecoder(CPU))
+    computed: list[ImageTask] = []
+    inference = Inference(
+        backbone=model,
+        source=BatchQueue(8),
+        sink=computed.append,
+        inflight=InFlight(100, lambda action: None),
+        stats=Stats(),
+        batch_size=8,
+        max_wait=0.0,
+        halted=threading.Event(),
+        batch_decoder=decoder,
+    )
+    batch = [task(f"{i}.jpg", photo_jpeg(200, 150, seed=20 + i)) for i in range(6)]
+    budget = ByteBudget(1 << 30)
+    for t in batch:
+        assert t.data is not None and budget.take(len(t.data))
+        t.budget, t.budgeted = budget, len(t.data)
+
+    # WHEN it runs the batch
+    submitted = inference._submit(batch)
+    if submitted is not None:
+        inference._finish(*submitted)
+
+    # THEN the halves decoded again from the bytes they still held, every image was computed,
+    # and only then were the bytes let go and the budget given back
+    assert sizes["oom"][0] == 6 and sum(sizes["ok"]) == 6
+    assert sorted(t.ref.key for t in computed) == sorted(t.ref.key for t in batch)
+    assert all(t.features is not None and t.data is None for t in computed)
     assert budget.held == 0

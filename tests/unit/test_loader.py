@@ -190,8 +190,9 @@ def test_with_decode_on_the_device_the_bytes_are_held_until_the_image_is_resolve
     budget = ByteBudget(100)
     objects = SizedObjects({f"k{i}": 40 for i in range(3)})
     out: BatchQueue[ImageTask] = BatchQueue(16)
-    load = loader(RecordingPreparer(), out, inline=False, objects=objects, budget=budget)
-    load.decode_on_device = True
+    load = loader(
+        RecordingPreparer(), out, inline=False, objects=objects, budget=budget, on_device=True
+    )
 
     # WHEN three images of 40 bytes are submitted
     for i in range(3):
@@ -270,12 +271,14 @@ def test_a_fetch_waiting_for_the_budget_gives_up_without_its_get_when_the_worker
     load.submit(second)
     wait_until(lambda: len(budget._line) == 1)
 
-    # WHEN the worker halts and the loader shuts down
+    # WHEN the worker halts and the loader shuts down (and the first decode then ends)
     load.halted.set()
     load.shutdown()
     prepare.release.set()
-    wait_until(lambda: not budget._line)
+    load.fetch_pool.shutdown(wait=True)
 
-    # THEN the waiting image was never fetched, nor failed: the release owns its message
+    # THEN the waiting image was never fetched, nor failed (the release owns its message), and
+    # it holds no bytes of the budget
     assert objects.gets == ["first"]
     assert second.failure is None and second.outcome is None
+    assert second.budget is None and budget.held == 0
