@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -152,6 +153,38 @@ class BlockedPreparer(RecordingPreparer):
         return super().__call__(data)
 
 
+@dataclass
+class Budgeted:
+    """A loader whose fetches take from ``budget``, over objects of given sizes."""
+
+    budget: ByteBudget
+    prepare: BlockedPreparer
+    objects: SizedObjects
+    out: BatchQueue[ImageTask]
+    load: Loader
+
+
+def budgeted(
+    capacity: int,
+    sizes: dict[str, int],
+    *,
+    failing: frozenset[str] = frozenset(),
+    blocked: bool = True,
+    on_device: bool = False,
+) -> Budgeted:
+    """``blocked``: decodes wait for ``prepare.release``; otherwise they finish at once."""
+    budget = ByteBudget(capacity)
+    prepare = BlockedPreparer(budget)
+    if not blocked:
+        prepare.release.set()
+    objects = SizedObjects(sizes, failing)
+    out: BatchQueue[ImageTask] = BatchQueue(16)
+    load = loader(
+        prepare, out, inline=not on_device, objects=objects, budget=budget, on_device=on_device
+    )
+    return Budgeted(budget, prepare, objects, out, load)
+
+
 def wait_until(condition: object, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():  # type: ignore[operator]
@@ -162,11 +195,8 @@ def wait_until(condition: object, timeout: float = 10.0) -> None:
 def test_fetches_wait_before_their_get_while_the_budget_is_held_by_undecoded_images() -> None:
     # GIVEN a budget of 100 bytes, four fetch threads, decodes that do not finish yet, and six
     # images of 40 bytes whose messages name their sizes
-    budget = ByteBudget(100)
-    prepare = BlockedPreparer(budget)
-    objects = SizedObjects({f"k{i}": 40 for i in range(6)})
-    out: BatchQueue[ImageTask] = BatchQueue(16)
-    load = loader(prepare, out, inline=True, objects=objects, budget=budget)
+    b = budgeted(100, {f"k{i}": 40 for i in range(6)})
+    budget, prepare, objects, out, load = b.budget, b.prepare, b.objects, b.out, b.load
 
     # WHEN all six are submitted
     for i in range(6):
@@ -187,12 +217,8 @@ def test_fetches_wait_before_their_get_while_the_budget_is_held_by_undecoded_ima
 
 def test_with_decode_on_the_device_the_bytes_are_held_until_the_image_is_resolved() -> None:
     # GIVEN --decode cuda's path (encoded bytes to the batch queue) and a budget of 100 bytes
-    budget = ByteBudget(100)
-    objects = SizedObjects({f"k{i}": 40 for i in range(3)})
-    out: BatchQueue[ImageTask] = BatchQueue(16)
-    load = loader(
-        RecordingPreparer(), out, inline=False, objects=objects, budget=budget, on_device=True
-    )
+    b = budgeted(100, {f"k{i}": 40 for i in range(3)}, on_device=True)
+    budget, objects, out, load = b.budget, b.objects, b.out, b.load
 
     # WHEN three images of 40 bytes are submitted
     for i in range(3):
@@ -214,11 +240,8 @@ def test_with_decode_on_the_device_the_bytes_are_held_until_the_image_is_resolve
 def test_a_size_the_message_does_not_name_or_names_wrongly_is_held_as_fetched() -> None:
     # GIVEN a budget, and two images: one whose message names no size, one whose message names
     # 10 bytes for an object replaced since by one of 30
-    budget = ByteBudget(1000)
-    prepare = BlockedPreparer(budget)
-    objects = SizedObjects({"unnamed": 25, "replaced": 30})
-    out: BatchQueue[ImageTask] = BatchQueue(16)
-    load = loader(prepare, out, inline=True, objects=objects, budget=budget)
+    b = budgeted(1000, {"unnamed": 25, "replaced": 30})
+    budget, prepare, out, load = b.budget, b.prepare, b.out, b.load
 
     # WHEN each is loaded on its own
     load.submit(task("unnamed"))
@@ -239,10 +262,8 @@ def test_a_size_the_message_does_not_name_or_names_wrongly_is_held_as_fetched() 
 
 def test_an_image_that_fails_gives_its_bytes_back() -> None:
     # GIVEN a budget, and a GET that fails after the named size was taken
-    budget = ByteBudget(100)
-    objects = SizedObjects({"bad": 60, "good": 60}, failing=frozenset({"bad"}))
-    out: BatchQueue[ImageTask] = BatchQueue(16)
-    load = loader(RecordingPreparer(), out, inline=True, objects=objects, budget=budget)
+    b = budgeted(100, {"bad": 60, "good": 60}, failing=frozenset({"bad"}), blocked=False)
+    budget, out, load = b.budget, b.out, b.load
 
     # WHEN it is loaded, then another that would not fit beside it
     bad = task("bad", size=60)
@@ -260,11 +281,8 @@ def test_an_image_that_fails_gives_its_bytes_back() -> None:
 
 def test_a_fetch_waiting_for_the_budget_gives_up_without_its_get_when_the_worker_stops() -> None:
     # GIVEN a spent budget (an undecoded image holds it) and a second image waiting for it
-    budget = ByteBudget(100)
-    prepare = BlockedPreparer(budget)
-    objects = SizedObjects({"first": 100, "second": 50})
-    out: BatchQueue[ImageTask] = BatchQueue(16)
-    load = loader(prepare, out, inline=True, objects=objects, budget=budget)
+    b = budgeted(100, {"first": 100, "second": 50})
+    budget, prepare, objects, load = b.budget, b.prepare, b.objects, b.load
     load.submit(task("first", size=100))
     wait_until(lambda: len(prepare.held_at_start) == 1)
     second = task("second", size=50)
