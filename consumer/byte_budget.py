@@ -15,7 +15,9 @@ decoded, or the image resolved. A message without a size is counted after its GE
 that then wait for the budget in memory are bounded by the fetch threads, as before. A take
 waits while the budget is spent, first come first served, so a large image is not starved by a
 stream of small ones; one image larger than the whole budget still goes through once nothing
-else is held. With typical images (a few MB) the budget is never reached.
+else is held. ``--max-encoded-bytes`` sets the budget (default 4 GiB: four batches of 64 images
+of 16 MB, as many as the ``--decode cuda`` pipeline holds: two queued, one being decoded or
+computed, one whose features are on their way); typical photos never reach it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,6 @@ import threading
 from collections import deque
 
 log = logging.getLogger(__name__)
-
-# The default budget: four batches of 64 images of 16 MB each (the --decode cuda pipeline holds
-# up to four: two queued, one being decoded or computed, one whose features are on their way),
-# and a small share of the 28,000 MiB job of the stack's default GPU instances.
-ENCODED_BYTES = 4 * 1024**3
 
 
 class ByteBudget:

@@ -63,6 +63,9 @@ class Config:
     stop_grace: float = 25.0
     max_pixels: int = 100_000_000
     max_image_bytes: int = 64 * 1024 * 1024
+    # Four --decode cuda batches of 64 images of 16 MB (consumer.byte_budget): typical photos
+    # never reach it, and it is a small share of the stack's default 28,000 MiB job.
+    max_encoded_bytes: int = 4 * 1024**3
     seed: int = 0
     cache_dir: Path = field(
         default_factory=lambda: Path.home() / ".cache" / "serverless-bottleneck"
@@ -509,6 +512,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_pixels", _positive_int, "largest width x height decoded (default 100000000)", "N"),
     Option(
         "max_image_bytes", _positive_int, "largest object fetched, in bytes (default 64 MiB)", "N"
+    ),
+    Option(
+        "max_encoded_bytes",
+        _positive_int,
+        "encoded image bytes held at once, fetched and not yet decoded; fetches wait beyond it "
+        "(default 4 GiB)",
+        "N",
     ),
     Option("seed", _non_negative_int, "seed for --weights random (default 0)", "N"),
     Option(

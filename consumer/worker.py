@@ -33,7 +33,7 @@ import threading
 import time
 
 from consumer.batch_queue import BatchQueue
-from consumer.byte_budget import ENCODED_BYTES, ByteBudget
+from consumer.byte_budget import ByteBudget
 from consumer.decode_pool import DecodeProcesses
 from consumer.dedupe import ContentIndex
 from consumer.inflight import InFlight
@@ -142,7 +142,7 @@ class Worker:
             content_index=None if cfg.overwrite else content_index,
             decode_on_device=runtime.batch_decoder is not None,
             decode_inline=isinstance(runtime.prepare, DecodeProcesses),
-            budget=ByteBudget(ENCODED_BYTES),
+            budget=ByteBudget(cfg.max_encoded_bytes),
         )
         self.inference = Inference(
             backbone=runtime.backbone,

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote_plus
 
 import numpy as np
+import pytest
 
 from bottleneck_contract.features import encode_key
 from bottleneck_contract.messages import ImageRef, encode
+from consumer.aws import Clients
 from tests.corpus import BAD_CASES, photo_jpeg
 from tests.functional.conftest import Stack
 
@@ -185,3 +189,50 @@ def test_changed_settings_replace_and_feature_map_has_chw_shape(
     assert array.dtype == np.float16 and array.ndim == 3 and array.shape[0] == 96
     assert obj["Metadata"]["fingerprint"] == runtime.fingerprint
     assert obj["Metadata"]["shape"] == "x".join(map(str, array.shape))
+
+
+class _CountingGets:
+    """The S3 client, each GetObject slowed by 200 ms and counted while it runs."""
+
+    def __init__(self, s3: Any) -> None:
+        self.s3 = s3
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.s3, name)
+
+    def get_object(self, **kwargs: Any) -> Any:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.2)
+            return self.s3.get_object(**kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("budget", [None, "1"])
+def test_the_encoded_bytes_budget_bounds_the_downloads_held_at_once(
+    stack: Stack, run_consumer: Callable[..., Any], budget: str | None
+) -> None:
+    # GIVEN twelve images whose messages name their sizes, four fetch threads, and (or not) a
+    # budget of one byte, smaller than any of them
+    images = {f"budget/{i:02d}.jpg": photo_jpeg(160, 120, seed=50 + i) for i in range(12)}
+    upload(stack, images)
+    stack.send(*(encode(ImageRef(stack.images, k, size=len(d))) for k, d in images.items()))
+    gets = _CountingGets(stack.s3)
+
+    # WHEN the consumer runs until the queue is idle
+    extra = ("--max-encoded-bytes", budget) if budget else ()
+    _, stats = run_consumer(*extra, clients=Clients(gets, stack.sqs))
+
+    # THEN every image is written; with the default budget the threads download together, with
+    # one byte only one image holds its bytes at a time (one larger than the whole budget still
+    # goes through once nothing else is held)
+    assert stats.summary()["images_written"] == len(images)
+    assert (gets.most == 1) if budget else (gets.most > 1), gets.most
+    assert stack.depth() == 0

@@ -71,6 +71,13 @@ def test_every_option_has_a_flag_and_a_bottleneck_env_var() -> None:
     }
 
 
+def test_the_budget_of_encoded_bytes_defaults_to_4_gib_and_is_set_by_flag_or_environment() -> None:
+    assert Config.from_args(BASE, {}).max_encoded_bytes == 4 * 1024**3
+    env = {"BOTTLENECK_MAX_ENCODED_BYTES": "1000000"}
+    assert Config.from_args(BASE, env).max_encoded_bytes == 1_000_000
+    assert Config.from_args([*BASE, "--max-encoded-bytes", "5"], env).max_encoded_bytes == 5
+
+
 def test_output_without_trailing_slash_means_the_folder() -> None:
     config = Config.from_args(["--queue-url", QUEUE, "--output", "s3://feats/resnet50"], {})
     assert config.output.prefix == "resnet50/"
@@ -88,6 +95,8 @@ def test_output_without_trailing_slash_means_the_folder() -> None:
         ([*BASE, "--precision", "int8"], {}, "--precision"),
         ([*BASE, "--feature-dtype", "float64"], {}, "--feature-dtype"),
         ([*BASE, "--idle-exit", "-1"], {}, "--idle-exit"),
+        ([*BASE, "--max-encoded-bytes", "0"], {}, "--max-encoded-bytes"),
+        (BASE, {"BOTTLENECK_MAX_ENCODED_BYTES": "4GiB"}, "BOTTLENECK_MAX_ENCODED_BYTES"),
         (["--queue-url", QUEUE, "--output", "feats/x"], {}, "--output"),
         (["--queue-url", "not a url", "--output", "s3://feats/"], {}, "--queue-url"),
         ([*BASE, "--model", "resnet50; rm -rf"], {}, "--model"),
