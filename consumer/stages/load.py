@@ -105,8 +105,11 @@ class Loader:
             # The size the message names is taken before the GET, so that the budget bounds
             # the fetches too; without one (or one that is too large), after it.
             named = task.ref.size if (task.ref.size or 0) <= self.max_bytes else None
-            if named is not None and not (self._hold(task, named) and not self._abandoned(task)):
-                return None  # halted (or the message lost) while it waited for the budget
+            if named is not None:
+                if not self._hold(task, named):
+                    return None  # halted while it waited for the budget
+                if self._abandoned(task):
+                    return None  # lost, or halted, while it waited
             fetched = storage.fetch(self.s3, task.ref, max_bytes=self.max_bytes)
             if named is not None:
                 self._resize_hold(task, len(fetched.data))
