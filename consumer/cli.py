@@ -14,6 +14,7 @@ from types import FrameType
 from bottleneck_contract import logs
 from consumer.config import Config
 from consumer.errors import ConfigError
+from consumer.stall import EXIT_STALLED
 
 log = logging.getLogger("consumer")
 
@@ -21,7 +22,8 @@ EXIT_CONFIG = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the consumer until stopped or idle; exit 0, or 2 for invalid configuration."""
+    """Run the consumer until stopped or idle; exit 0, 2 for invalid configuration, or 3 when
+    held work made no progress for ``--stall-timeout`` (see :mod:`consumer.stall`)."""
     # Signals are handled from the first moment: a SIGTERM while the model loads (seconds) is a
     # clean exit 0 before any message is received, not a kill.
     stop = StopSignals()
@@ -57,11 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         worker.request_stop(stop.received)
     code = worker.run()
     print(json.dumps({"summary": worker.stats.summary()}), file=sys.stdout, flush=True)
-    if worker.inference.is_alive():
+    if worker.inference.is_alive() or code == EXIT_STALLED:
         # The grace period ran out mid-forward: its messages are already released. Letting the
         # interpreter finalize under a running torch kernel can abort the process (SIGABRT,
         # "terminate called without an active exception"), which Batch would report as a
-        # failure; leave at once with the real exit code instead.
+        # failure; leave at once with the real exit code instead. After a stall, whatever hung
+        # may be a pool thread, which the interpreter's exit would wait for forever.
         logging.shutdown()
         sys.stderr.flush()
         os._exit(code)

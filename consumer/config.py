@@ -61,6 +61,7 @@ class Config:
     max_in_flight: int = 0
     visibility_timeout: int = 60
     stop_grace: float = 25.0
+    stall_timeout: float = 900.0
     max_pixels: int = 100_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     # Four --decode cuda batches of 64 images of 16 MB (consumer.byte_budget): typical photos
@@ -507,6 +508,13 @@ OPTIONS: tuple[Option, ...] = (
         "stop_grace",
         _non_negative_float,
         "on SIGTERM, seconds to finish work in hand before releasing the rest (default 25)",
+        "SECONDS",
+    ),
+    Option(
+        "stall_timeout",
+        _non_negative_float,
+        "seconds of held work without an image settled or a batch computed after which the "
+        "consumer releases its messages and exits 3 (default 900; 0: never)",
         "SECONDS",
     ),
     Option("max_pixels", _positive_int, "largest width x height decoded (default 100000000)", "N"),

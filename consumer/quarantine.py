@@ -85,6 +85,9 @@ class Quarantine:
         self.bucket = bucket
         self.prefix = prefix + MARKERS
         self.max_receives = max_receives
+        # Set when the worker stops because it stalled (consumer.stall): a suspect running
+        # alone then keeps its marker, the stall counting against it as a death would.
+        self.keep_markers = False
         self._lock = threading.Lock()
         self._careful = True
         # Careful and a suspect seen since: receive only with nothing unsettled in flight.
@@ -278,8 +281,8 @@ class Quarantine:
         limit = f" (maxReceiveCount {self.max_receives})" if self.max_receives else ""
         times = "once" if deaths == 1 else f"{deaths} times"
         return (
-            f"the consumer died {times} while it processed this message alone; receive "
-            f"{message.receive_count}{limit}"
+            f"the consumer died (or stalled) {times} while it processed this message alone; "
+            f"receive {message.receive_count}{limit}"
         )
 
 

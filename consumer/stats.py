@@ -31,6 +31,8 @@ class Stats:
         self.model_seconds = 0.0
         self.first_image_at: float | None = None
         self.last_image_at: float | None = None
+        # Grows with every image settled and every batch computed (consumer.stall).
+        self.progress = 0
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -40,12 +42,14 @@ class Stats:
         now = time.monotonic()
         with self._lock:
             self.counts[f"images_{outcome}"] += 1
+            self.progress += 1
             self.first_image_at = self.first_image_at or now
             self.last_image_at = now
 
     def image_failed(self, code: str, *, permanent: bool) -> None:
         with self._lock:
             (self.failed if permanent else self.retried)[code] += 1
+            self.progress += 1
         if self.metrics is not None:
             self.metrics.failure(code)
 
@@ -53,6 +57,7 @@ class Stats:
         with self._lock:
             self.counts["batches"] += 1
             self.counts["batch_images"] += size
+            self.progress += 1
             self.model_seconds += seconds
         if self.metrics is not None:
             self.metrics.batch(size, seconds)

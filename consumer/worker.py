@@ -26,6 +26,7 @@ second signal skips it, see ``consumer.cli``):
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import math
 import sys
@@ -48,6 +49,7 @@ from consumer.stages.load import Loader
 from consumer.stages.receive import LONG_POLL_SECONDS, Receiver
 from consumer.stages.shards import ShardWriter, writer_name
 from consumer.stages.write import Writer
+from consumer.stall import EXIT_STALLED, StallWatch
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
@@ -246,14 +248,45 @@ class Worker:
         return 0.0 if math.isinf(idle) else idle
 
     def run(self) -> int:
-        """Start, wait for a stop (signal, idle exit), stop gracefully; return the exit code."""
+        """Start, wait for a stop (signal, idle exit, stall), stop gracefully; return the exit
+        code: 0, or :data:`~consumer.stall.EXIT_STALLED`."""
         self.start()
         idle_exit = self.config.idle_exit
+        watch = StallWatch(self.config.stall_timeout) if self.config.stall_timeout else None
         while not self.receiving_stopped.wait(0.2):
             if idle_exit and self.idle_for() >= idle_exit:
                 self.request_stop("idle")
+            if watch is not None and watch.stalled(
+                busy=self._busy(), progress=self.stats.progress, now=time.monotonic()
+            ):
+                self._stalled()
         self.shutdown(self.config.stop_grace if self.stop_reason != "idle" else 0.0)
-        return 0
+        return EXIT_STALLED if self.stop_reason == "stalled" else 0
+
+    def _busy(self) -> bool:
+        """Unsettled work is held, other than images that wait only for their shard's flush
+        (which comes with the shard's age, up to --shard-max-seconds, not with progress)."""
+        if self.shards is not None and self.shards.holds_all():
+            return False
+        return any(not message.settled for message in self.inflight.held())
+
+    def _stalled(self) -> None:
+        """Held work made no progress for --stall-timeout: say where every thread is, keep the
+        marker of a suspect running alone (the stall is held against it, as a death would be),
+        and stop as on SIGTERM, so that the messages go back to the queue at once."""
+        log.error(
+            "no progress with work in flight; releasing it and exiting",
+            extra={
+                "fields": {
+                    "stall_timeout_s": self.config.stall_timeout,
+                    "held": len(self.inflight.held()),
+                    "exit_code": EXIT_STALLED,
+                }
+            },
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        self.quarantine.keep_markers = True
+        self.request_stop("stalled")
 
     def shutdown(self, grace: float) -> None:
         """The shutdown protocol of the module docstring, steps 1 to 5."""

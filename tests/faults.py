@@ -31,7 +31,9 @@ breaks their connection. The client's own retries then do see the faults. Its ex
 - ``closed``: the connection is closed (FIN) without a response, as when a load balancer drops
   an idle keep-alive connection just as a request goes out;
 - ``denied``: ``AccessDenied`` / 403; ``archived``: ``InvalidObjectState`` / 403 (a GET of an
-  object in an archive storage class).
+  object in an archive storage class);
+- ``hang``: no answer at all until the proxy stops (a server that never responds, a request
+  stuck in the network).
 
 There, ``reset`` aborts the connection (RST) where a response was due.
 """
@@ -63,6 +65,7 @@ KINDS = (
     "archived",
     "partial",
     "stale",
+    "hang",
 )
 
 
@@ -186,6 +189,7 @@ class FaultyEndpoint:
         self.calls: Counter[str] = Counter()
         self.injected: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self.stopped = threading.Event()  # what ``hang`` waits for
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -202,6 +206,7 @@ class FaultyEndpoint:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -307,6 +312,10 @@ def _handler(endpoint: FaultyEndpoint) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
         def _inject(self, fault: Fault) -> None:
+            if fault.kind == "hang":
+                endpoint.stopped.wait()
+                self.close_connection = True
+                return
             if fault.kind in {"reset", "closed", "unreachable"}:
                 if fault.kind == "reset":
                     # Linger 0: close() sends RST, "connection reset by peer" for the client.

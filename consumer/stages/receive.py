@@ -242,10 +242,12 @@ class Receiver(threading.Thread):
             )
             self._dispatch(message)
             # Until it is settled, or the worker stops (the stop then releases it): either
-            # way the marker goes, since only a consumer that died leaves it behind.
+            # way the marker goes, since only a consumer that died leaves it behind, or one
+            # that stalled on it (consumer.stall).
             while not message.settled and not self.receiving_stopped.wait(0.02):
                 pass
-            quarantine.unmark(message)
+            if message.settled or not quarantine.keep_markers:
+                quarantine.unmark(message)
         finally:
             quarantine.end_turn()
 
