@@ -5,8 +5,9 @@ bug. The heartbeat would then keep every held message invisible, up to SQS's 12 
 the Batch job runs on (its default attempt timeout is 4 hours) doing nothing at GPU prices.
 Progress is any image settled (written, skipped, failed) or any batch computed. When unsettled
 work has been held for ``--stall-timeout`` seconds (default 15 minutes, 0: never) without any,
-the worker logs every thread's stack, stops as on SIGTERM (its messages go back to the queue at
-once) and exits 3, so that the scaler starts a fresh job for them. A suspect that was running
+the worker logs every thread's stack, stops as on SIGTERM but without the grace period (its
+messages go back to the queue at once) and exits 3, so that the scaler starts a fresh job for
+them. A suspect that was running
 alone keeps its quarantine marker, so a message that stalls the consumer alone is convicted as
 ``crashed`` the way one that kills it is (see :mod:`consumer.quarantine`).
 
@@ -17,7 +18,15 @@ seconds even on a CPU; 15 minutes without one image settled is no slow model.
 
 from __future__ import annotations
 
+import sys
+import threading
+import traceback
+
 EXIT_STALLED = 3
+# Below this, legitimate waits can outlast the timeout: S3 calls with their retries (about 3 x
+# 65 s at worst), a decode process's 120 s limit. Shorter values are allowed (tests), with a
+# warning at start.
+STALL_TIMEOUT_FLOOR = 300.0
 
 
 class StallWatch:
@@ -36,3 +45,13 @@ class StallWatch:
             self._since = now if busy else None
             return False
         return now - self._since >= self.timeout
+
+
+def thread_stacks() -> dict[str, str]:
+    """Every thread's stack, by "name (ident)", for one structured log record (a plain dump to
+    stderr would break the JSON lines of the log)."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return {
+        f"{names.get(ident, '?')} ({ident})": "".join(traceback.format_stack(frame))
+        for ident, frame in sys._current_frames().items()
+    }

@@ -26,7 +26,6 @@ second signal skips it, see ``consumer.cli``):
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import math
 import sys
@@ -49,7 +48,7 @@ from consumer.stages.load import Loader
 from consumer.stages.receive import LONG_POLL_SECONDS, Receiver
 from consumer.stages.shards import ShardWriter, writer_name
 from consumer.stages.write import Writer
-from consumer.stall import EXIT_STALLED, StallWatch
+from consumer.stall import EXIT_STALLED, STALL_TIMEOUT_FLOOR, StallWatch, thread_stacks
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
@@ -191,6 +190,7 @@ class Worker:
             for i in range(cfg.receivers)
         ]
         self.stop_reason: str | None = None
+        self.stalled = False  # set by the stall watch (consumer.stall), whatever stopped first
 
     def _dispatch(self, task: ImageTask) -> None:
         """Down the pipeline, the shard writer told (it writes a partial shard only once
@@ -200,6 +200,12 @@ class Worker:
         self.loader.submit(task)
 
     def start(self) -> None:
+        if 0 < self.config.stall_timeout < STALL_TIMEOUT_FLOOR:
+            log.warning(
+                "--stall-timeout is shorter than legitimate waits (S3 retries, a decode's time "
+                "limit): a healthy consumer may be taken for stalled",
+                extra={"fields": {"stall_timeout_s": self.config.stall_timeout}},
+            )
         for thread in (self.acker, self.heartbeat, self.inference, *self.receivers):
             thread.start()
         if self.shards is not None:
@@ -260,13 +266,15 @@ class Worker:
                 busy=self._busy(), progress=self.stats.progress, now=time.monotonic()
             ):
                 self._stalled()
-        self.shutdown(self.config.stop_grace if self.stop_reason != "idle" else 0.0)
-        return EXIT_STALLED if self.stop_reason == "stalled" else 0
+        # No grace for work known to be stuck, nor for an idle worker, which holds nothing.
+        quick = self.stalled or self.stop_reason == "idle"
+        self.shutdown(0.0 if quick else self.config.stop_grace)
+        return EXIT_STALLED if self.stalled else 0
 
     def _busy(self) -> bool:
         """Unsettled work is held, other than images that wait only for their shard's flush
         (which comes with the shard's age, up to --shard-max-seconds, not with progress)."""
-        if self.shards is not None and self.shards.holds_all():
+        if self.shards is not None and self.shards.waits_for_age():
             return False
         return any(not message.settled for message in self.inflight.held())
 
@@ -274,6 +282,9 @@ class Worker:
         """Held work made no progress for --stall-timeout: say where every thread is, keep the
         marker of a suspect running alone (the stall is held against it, as a death would be),
         and stop as on SIGTERM, so that the messages go back to the queue at once."""
+        self.stalled = True
+        self.quarantine.keep_markers = True
+        self.request_stop("stalled")
         log.error(
             "no progress with work in flight; releasing it and exiting",
             extra={
@@ -281,12 +292,11 @@ class Worker:
                     "stall_timeout_s": self.config.stall_timeout,
                     "held": len(self.inflight.held()),
                     "exit_code": EXIT_STALLED,
+                    # Where each thread is: what tells a hung GPU call from a hung request.
+                    "stacks": thread_stacks(),
                 }
             },
         )
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        self.quarantine.keep_markers = True
-        self.request_stop("stalled")
 
     def shutdown(self, grace: float) -> None:
         """The shutdown protocol of the module docstring, steps 1 to 5."""

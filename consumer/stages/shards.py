@@ -282,6 +282,13 @@ class ShardWriter:
         with self._lock:
             return self._drained() and (self._current is not None or self._writing > 0)
 
+    def waits_for_age(self) -> bool:
+        """Whether every image this writer was sent is in the shard being filled and nothing is
+        being written: what the worker holds then waits for the shard's age (up to
+        --shard-max-seconds), not for progress (consumer.stall). A write under way is work."""
+        with self._lock:
+            return self._drained() and self._current is not None and self._writing == 0
+
     def close(self, timeout: float) -> bool:
         """Write the shard being filled and wait up to ``timeout`` for every shard being
         written; rows that arrive later are not taken (their messages are released). Returns

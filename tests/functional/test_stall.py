@@ -123,3 +123,24 @@ def test_slow_work_that_progresses_is_no_stall(stack: Stack) -> None:
     assert time.monotonic() - started > 4
     assert (code, worker.stop_reason) == (0, "idle")
     assert worker.stats.summary()["images_written"] == len(images)
+
+
+def test_images_that_wait_only_for_their_shards_age_are_no_stall(stack: Stack) -> None:
+    # GIVEN 30 images (past the first 20 the receivers are no longer careful, so the last
+    # shard waits for its age instead of being written as soon as nothing else comes), shards
+    # written at 30 s of age, a 1 s stall timeout and a 3 s idle exit
+    upload_and_send(stack, {f"shard/{i:02d}.jpg": photo_jpeg(64, 48, seed=i) for i in range(30)})
+    config = consumer_config(
+        stack,
+        *("--layout", "shards", "--shard-rows", "100", "--shard-max-seconds", "30"),
+        *("--stall-timeout", "1", "--idle-exit", "3"),
+    )
+    worker = Worker(build_runtime(config, Clients(stack.s3, stack.sqs)))
+
+    # WHEN the consumer runs
+    code = worker.run()
+
+    # THEN the computed images waited for their shard longer than the stall timeout without
+    # being taken for a stall, and the idle exit wrote the shard
+    assert (code, worker.stop_reason) == (0, "idle")
+    assert worker.stats.summary()["images_sharded"] == 30

@@ -4,8 +4,10 @@ request), so a fetch thread hangs, as a GPU call would hang the inference thread
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from bottleneck_contract.messages import ImageRef, encode
 from consumer.stall import EXIT_STALLED
@@ -14,6 +16,19 @@ from tests.faults import Fault, FaultyEndpoint
 from tests.integration.consumer_process import CONSUMER, Endpoint, aws_env
 
 STARTUP = 90
+
+
+def records(log: str) -> list[dict[str, Any]]:
+    """The JSON log records among the lines of ``log``."""
+    out = []
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def test_a_consumer_that_stalls_releases_its_work_and_exits_3(
@@ -30,13 +45,13 @@ def test_a_consumer_that_stalls_releases_its_work_and_exits_3(
     log = tmp_path / "consumer.log"
     plan = {"get_object": Fault("hang", every=1, key="hang/0.jpg")}
     with FaultyEndpoint(moto_server, plan) as proxy, log.open("ab") as sink:
-        # WHEN a consumer runs with a 3 s stall timeout, its S3 requests through the proxy
+        # WHEN a consumer runs with a 6 s stall timeout, its S3 requests through the proxy
         process = subprocess.Popen(
             [
                 CONSUMER,
                 *("--queue-url", endpoint.queue_url, "--output", "s3://feats/v1/"),
                 *("--model", "test_resnet", "--weights", "random", "--device", "cpu"),
-                *("--stall-timeout", "3", "--stop-grace", "0", "--idle-exit", "5"),
+                *("--stall-timeout", "6", "--idle-exit", "5"),
             ],
             env={**aws_env(moto_server), "AWS_ENDPOINT_URL_S3": proxy.url},
             stdout=sink,
@@ -50,12 +65,19 @@ def test_a_consumer_that_stalls_releases_its_work_and_exits_3(
 
     # THEN it exits 3 by itself (held work keeps it from idling out), with the other two written
     # and the hung one back on the queue at once, and the log says why, with every thread's
-    # stack. (The exit does not wait for the hung fetch thread: without that, the same run took
-    # 65 s instead of 9, until obstore's request timeout let the thread go.)
+    # stack in one JSON record. (The exit does not wait for the hung fetch thread: without
+    # that, the same run took 65 s instead of 9, until obstore's request timeout let it go.)
     text = log.read_text()
     assert code == EXIT_STALLED, text[-3000:]
     assert injected >= 1
     assert sorted(endpoint.versions()) == ["v1/ok/0.jpg.npy", "v1/ok/1.jpg.npy"]
     assert endpoint.counts() == (1, 0)
-    assert "no progress with work in flight" in text
-    assert 'File "' in text and "Thread 0x" in text
+    stalls = [
+        record
+        for record in records(text)
+        if record.get("message") == "no progress with work in flight; releasing it and exiting"
+    ]
+    assert len(stalls) == 1
+    stacks = stalls[0]["stacks"]
+    assert any(name.startswith("fetch") for name in stacks)
+    assert any("obstore" in stack or "native.py" in stack for stack in stacks.values())
