@@ -203,6 +203,11 @@ class InFlight:
             return not is_suspect(previous) and message.receive_count == previous.receive_count + 1
         return released_at is not None and message.receive_count == released_at + 1
 
+    def holds(self, message: Message) -> bool:
+        """Whether ``message`` is still held: registered, and the acker not done with it."""
+        with self._cond:
+            return self._messages.get(message.message_id) is message
+
     def held(self) -> list[Message]:
         with self._cond:
             return list(self._messages.values())

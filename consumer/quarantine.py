@@ -151,10 +151,12 @@ class Quarantine:
         self._turn.release()
 
     def only_suspects_waiting(self, held: list[Message], running: Message) -> bool:
-        """Whether everything in flight but ``running`` is a suspect waiting for its turn, or
-        settled (its work is done; only its delete or dead-letter send is left to the acker)."""
+        """Whether everything held but ``running`` is a suspect waiting for its turn: the rest
+        is settled and done with by the acker too. A message whose delete was still to come
+        when the consumer died comes back with a receive spent (with maxReceiveCount 3, a good
+        image that ran alone just before a poison one was dead-lettered without a reason so)."""
         with self._lock:
-            return all(m is running or m.settled or m.message_id in self._waiting for m in held)
+            return all(m is running or m.message_id in self._waiting for m in held)
 
     # --- how to receive ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -180,8 +182,10 @@ class Quarantine:
             yield False  # another receiver is polling carefully, or running what it got
             return
         try:
-            settled = not serial or all(m.settled for m in held())
-            yield settled and not self.solo_active
+            # Serial: nothing held at all, deletes and dead letters included (the acker sends
+            # them at once while nothing is coming), for the reason only_suspects_waiting gives.
+            done = not serial or not held()
+            yield done and not self.solo_active
         finally:
             self._poll.release()
 

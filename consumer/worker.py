@@ -85,6 +85,7 @@ class Worker:
             inflight=self.inflight,
             stats=self.stats,
             concurrency=ACK_CALLS,
+            nothing_coming=lambda: self.quarantine.nothing_coming,
         )
         self.decoded: BatchQueue[ImageTask] = BatchQueue(maxsize=2 * cfg.batch_size)
         content_index = (

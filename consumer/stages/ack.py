@@ -104,8 +104,12 @@ class Acker(threading.Thread):
         clock: Callable[[], float] = time.monotonic,
         rand: Rand = random.random,
         concurrency: int = 1,
+        nothing_coming: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__(name="ack", daemon=True)
+        # While receiving waits for what is held to be done with (a suspect's solo run, serial
+        # receives: consumer.quarantine), no batch can fill: what is gathered goes at once.
+        self.nothing_coming = nothing_coming
         self.work_queue = work_queue
         self.inflight = inflight
         self.stats = stats
@@ -188,7 +192,8 @@ class Acker(threading.Thread):
             batch = [self.actions.get(timeout=max(0.0, min(_POLL_SECONDS, next_due - now)))]
         except queue.Empty:
             return []
-        deadline = min(self.clock() + _FLUSH_SECONDS, max(next_due, self.clock()))
+        flush = 0.0 if self.nothing_coming() else _FLUSH_SECONDS
+        deadline = min(self.clock() + flush, max(next_due, self.clock()))
         while len(batch) < BATCH:
             remaining = deadline - self.clock()
             if remaining <= 0:

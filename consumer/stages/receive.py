@@ -210,6 +210,13 @@ class Receiver(threading.Thread):
                 "crashed", quarantine.crashed_detail(message, deaths), permanent=True
             )
             self.inflight.register(message)  # no images: settles (dead-letter) at once
+            # Nothing else is received (this is a solo turn) until the acker has sent the dead
+            # letter and deleted the message: a poison image received meanwhile could kill the
+            # consumer in between, and the message would come back without its marker, to run
+            # again, or at its last receive reach the dead-letter queue a second time, without
+            # a reason.
+            while self.inflight.holds(message) and not self.receiving_stopped.wait(0.01):
+                pass
             quarantine.unmark(message)
             return
         build_tasks(message, self.output_prefix)

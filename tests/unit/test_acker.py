@@ -449,13 +449,16 @@ class SlowSqs(FakeSqs):
                 self.under_way -= 1
 
 
-def _thread_rig(sqs: FakeSqs, concurrency: int, messages: int) -> tuple[Acker, list[Message]]:
+def _thread_rig(
+    sqs: FakeSqs, concurrency: int, messages: int, nothing_coming: bool = False
+) -> tuple[Acker, list[Message]]:
     inflight = InFlight(1000, lambda action: None)
     acker = Acker(
         work_queue=WorkQueue(sqs, "work-url", "dead-letter-url"),
         inflight=inflight,
         stats=Stats(),
         concurrency=concurrency,
+        nothing_coming=lambda: nothing_coming,
     )
     held = []
     for i in range(messages):
@@ -506,6 +509,28 @@ def test_a_trickle_is_gathered_into_one_call_not_spread_over_the_callers(
     # THEN they went in one call of ten: idle callers do not split a batch (each call costs
     # as much as the ten deletes in it)
     assert [len(ids) for _, ids in sqs.calls] == [10]
+
+
+def test_while_nothing_is_coming_each_delete_goes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN an acker while receiving waits for what is held to be done with (a suspect's solo
+    # run, serial receives), and deletes arriving 50 ms apart, inside the flush time
+    monkeypatch.undo()
+    sqs = SlowSqs(0.0)
+    acker, held = _thread_rig(sqs, concurrency=1, messages=3, nothing_coming=True)
+    acker.start()
+
+    # WHEN they come
+    for message in held:
+        acker.put(Action(Verdict.DELETE, message))
+        time.sleep(0.05)
+    acker.stop()
+    acker.join(timeout=30)
+
+    # THEN each went in a call of its own, not gathered for the next: none is coming until it
+    # is done with (the trickle test above gathers the same deletes into one call)
+    assert [len(ids) for _, ids in sqs.calls] == [1, 1, 1]
 
 
 class BuggyQueue(WorkQueue):

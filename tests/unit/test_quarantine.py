@@ -98,15 +98,17 @@ def test_a_suspect_is_a_message_received_before() -> None:
     assert is_suspect(message("b", 2))
 
 
-def test_a_suspect_runs_only_when_the_rest_in_flight_is_settled_or_waiting_its_turn() -> None:
+def test_a_suspect_runs_only_when_the_rest_held_is_done_with_or_waiting_its_turn() -> None:
     # GIVEN a suspect about to run, another waiting for its turn, and fresh work still in flight
     q = quarantine()
     running, waiting, fresh = message("s1", 2), message("s2", 2), message("f", 1)
     with q.waiting(waiting):
-        # WHEN / THEN the fresh message holds it back until it is settled
+        # WHEN / THEN the fresh message holds it back while it is held, settled or not (its
+        # delete still to come would be lost with the consumer), and no longer once it is gone
         assert not q.only_suspects_waiting([running, waiting, fresh], running)
         fresh.settled = True
-        assert q.only_suspects_waiting([running, waiting, fresh], running)
+        assert not q.only_suspects_waiting([running, waiting, fresh], running)
+        assert q.only_suspects_waiting([running, waiting], running)
     # AND a suspect that stopped waiting (it has its turn) holds the next one back
     assert not q.only_suspects_waiting([running, waiting], running)
 

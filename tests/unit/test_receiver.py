@@ -219,9 +219,16 @@ class SuspectsTwice:
 
 def careful_receivers(work_queue: Any, stop: threading.Event, n: int, settle_s: float) -> list[Any]:
     """``n`` receivers sharing a fresh quarantine (careful, as after a start) and a pipeline
-    that settles each image ``settle_s`` after it is dispatched; started and run to the stop.
-    A ``work_queue`` with a ``receivers`` attribute is given them before they start."""
-    inflight = InFlight(40, lambda action: None)
+    that settles each image ``settle_s`` after it is dispatched, and an acker done with each
+    settled message 0.05 s later; started and run to the stop. A ``work_queue`` with a
+    ``receivers`` or an ``inflight`` attribute is given them before they start."""
+
+    def acker(action: Any) -> None:
+        threading.Timer(0.05, inflight.forget, (action.message,)).start()
+
+    inflight = InFlight(40, acker)
+    if hasattr(work_queue, "inflight"):
+        work_queue.inflight = inflight
     quarantine = Quarantine(s3=MarkerStore(), bucket="feats", prefix="v1/", max_receives=3)
 
     def dispatch(task: Any) -> None:
@@ -269,18 +276,20 @@ def test_careful_receivers_take_turns_so_nothing_is_received_beside_a_suspect() 
 
 class AfterASuspect:
     """A work queue that returns a suspect, then one fresh message per receive, and records the
-    receives made while a message it returned was still unsettled."""
+    receives made while a message it returned was still held (unsettled, or its delete still
+    to come from the acker)."""
 
     def __init__(self, stop: threading.Event, count: int) -> None:
         self.stop = stop
         self.count = count
         self.returned: list[Message] = []
-        self.beside_unsettled: list[int] = []
+        self.beside_held: list[int] = []
+        self.inflight: InFlight | None = None
 
     def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
-        unsettled = [m for m in self.returned if not m.settled]
-        if unsettled:
-            self.beside_unsettled.append(len(self.returned) + 1)
+        assert self.inflight is not None
+        if any(self.inflight.holds(m) for m in self.returned):
+            self.beside_held.append(len(self.returned) + 1)
         if len(self.returned) >= self.count:
             self.stop.set()
             return []
@@ -296,7 +305,7 @@ class AfterASuspect:
         return []
 
 
-def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled(
+def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_done_with(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # GIVEN a careful receiver that gets a suspect, then fresh messages
@@ -307,11 +316,11 @@ def test_after_a_suspect_a_careful_receiver_waits_until_what_it_holds_is_settled
     with caplog.at_level(logging.INFO, logger="consumer.stages.receive"):
         receivers = careful_receivers(work_queue, stop, n=1, settle_s=0.1)
 
-    # THEN it received each only once the one before was settled: were the fresh one poison,
-    # nothing else (a suspect above all) would have spent a receive beside it
+    # THEN it received each only once the one before was settled and deleted: were the fresh
+    # one poison, nothing else (a suspect above all) would have spent a receive beside it
     assert not receivers[0].is_alive()
     assert [m.settled for m in work_queue.returned] == [True] * 6
-    assert work_queue.beside_unsettled == []
+    assert work_queue.beside_held == []
     # (and the log of the suspect's solo run names its image, which the message id does not)
     alone = [r for r in caplog.records if r.getMessage() == "running a redelivered message alone"]
     assert [r.fields["keys"] for r in alone] == [["k"]]  # type: ignore[attr-defined]
@@ -436,3 +445,73 @@ def test_careful_receivers_taking_turns_keep_the_queues_idle_clock_running() -> 
     # and a receiver waiting for its turn kept standing by (counted as busy while it waited, it
     # held the worker's idle clock at 0 most of the time)
     assert work_queue.busy_again == []
+
+
+class ConvictedThenFresh:
+    """A work queue whose first receive returns a message at its last receive that already
+    killed a consumer alone (its marker says so), and every later one a fresh message; records
+    whether the convicted message was still held by the worker at each later receive."""
+
+    def __init__(self, inflight: InFlight, stop: threading.Event) -> None:
+        self.inflight = inflight
+        self.stop = stop
+        self.convicted = Message("poison", "h", '{"bucket": "b", "key": "k"}', 3, 0.0, 60.0)
+        self.calls = 0
+        self.beside_the_dead_letter: list[bool] = []
+        self.later = threading.Event()
+
+    def receive(self, max_messages: int, *, wait_seconds: int, visibility: int) -> list[Message]:
+        self.calls += 1
+        if self.calls == 1:
+            return [self.convicted]
+        self.beside_the_dead_letter.append(self.inflight.holds(self.convicted))
+        self.later.set()
+        self.stop.set()
+        return []
+
+    def change_visibility(self, messages: list[Message], seconds: int) -> list[Message]:
+        return []
+
+
+def test_nothing_is_received_until_a_convicted_message_is_dead_lettered_and_deleted() -> None:
+    # GIVEN a careful receiver whose first receive brings a message convicted as crashed (its
+    # marker: one death alone; this is its last receive, maxReceiveCount 3), and an acker that
+    # has not yet sent the dead letter nor deleted the message
+    stop = threading.Event()
+    actions: list[Any] = []
+    inflight = InFlight(40, actions.append)
+    work_queue = ConvictedThenFresh(inflight, stop)
+    store = MarkerStore()
+    quarantine = Quarantine(s3=store, bucket="feats", prefix="v1/", max_receives=3)
+    quarantine.mark_running(work_queue.convicted, 0)
+    receiver = Receiver(
+        "receive-0",
+        work_queue=work_queue,  # type: ignore[arg-type]
+        inflight=inflight,
+        dispatch=lambda task: None,
+        output_prefix="v1/",
+        visibility=300,
+        wait_seconds=1,
+        stats=Stats(),
+        receiving_stopped=stop,
+        quarantine=quarantine,
+    )
+
+    # WHEN it runs, and the acker finishes with the dead letter only 0.3 s after it was decided
+    receiver.start()
+    deadline = time.monotonic() + 10
+    while not actions and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    received_meanwhile = work_queue.calls
+    marker_meanwhile = list(store.objects)
+    inflight.forget(work_queue.convicted)
+    assert work_queue.later.wait(10)
+    receiver.join(timeout=10)
+
+    # THEN the dead letter was decided at once, with its reason, but the next receive came only
+    # once the acker was done with it, and the marker went only then too
+    assert [action.message.malformed.error_code for action in actions] == ["crashed"]
+    assert (received_meanwhile, marker_meanwhile) == (1, ["v1/_bottleneck/running/poison"])
+    assert work_queue.beside_the_dead_letter == [False]
+    assert store.objects == {}
