@@ -4,31 +4,17 @@ request), so a fetch thread hangs, as a GPU call would hang the inference thread
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from bottleneck_contract.messages import ImageRef, encode
 from consumer.stall import EXIT_STALLED
 from tests.corpus import photo_jpeg
 from tests.faults import Fault, FaultyEndpoint
 from tests.integration.consumer_process import CONSUMER, Endpoint, aws_env
+from tests.integration.test_signals import log_lines
 
 STARTUP = 90
-
-
-def records(log: str) -> list[dict[str, Any]]:
-    """The JSON log records among the lines of ``log``."""
-    out = []
-    for line in log.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def test_a_consumer_that_stalls_releases_its_work_and_exits_3(
@@ -74,7 +60,7 @@ def test_a_consumer_that_stalls_releases_its_work_and_exits_3(
     assert endpoint.counts() == (1, 0)
     stalls = [
         record
-        for record in records(text)
+        for record in log_lines(log)
         if record.get("message") == "no progress with work in flight; releasing it and exiting"
     ]
     assert len(stalls) == 1

@@ -94,17 +94,25 @@ class Scripted:
         return []
 
 
-def receiver_for(work_queue: Any, stop: threading.Event, limit: int = 40) -> Receiver:
+def receiver_for(
+    work_queue: Any,
+    stop: threading.Event,
+    limit: int = 40,
+    *,
+    inflight: InFlight | None = None,
+    quarantine: Quarantine | None = None,
+) -> Receiver:
     return Receiver(
         "receive-0",
         work_queue=work_queue,
-        inflight=InFlight(limit, lambda action: None),
+        inflight=inflight or InFlight(limit, lambda action: None),
         dispatch=lambda task: None,
         output_prefix="v1/",
         visibility=300,
         wait_seconds=1,
         stats=Stats(),
         receiving_stopped=stop,
+        quarantine=quarantine,
     )
 
 
@@ -484,18 +492,7 @@ def test_nothing_is_received_until_a_convicted_message_is_dead_lettered_and_dele
     store = MarkerStore()
     quarantine = Quarantine(s3=store, bucket="feats", prefix="v1/", max_receives=3)
     quarantine.mark_running(work_queue.convicted, 0)
-    receiver = Receiver(
-        "receive-0",
-        work_queue=work_queue,  # type: ignore[arg-type]
-        inflight=inflight,
-        dispatch=lambda task: None,
-        output_prefix="v1/",
-        visibility=300,
-        wait_seconds=1,
-        stats=Stats(),
-        receiving_stopped=stop,
-        quarantine=quarantine,
-    )
+    receiver = receiver_for(work_queue, stop, inflight=inflight, quarantine=quarantine)
 
     # WHEN it runs, and the acker finishes with the dead letter only 0.3 s after it was decided
     receiver.start()
