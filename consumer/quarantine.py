@@ -12,7 +12,8 @@ them all to the dead-letter queue without a reason. So:
   just before and run with others, says that no consumer died with it
   (:meth:`consumer.inflight.InFlight.vouches_for`), while two receives are left before
   ``maxReceiveCount`` (:meth:`Quarantine.may_vouch`). A suspect runs alone: the receiver waits
-  until nothing else is in flight, runs it, and receives nothing more until it is settled.
+  until nothing else is held (deleted or dead-lettered by the acker, not only settled), runs
+  it, and receives nothing more until it is settled.
 - Before a suspect runs alone, a marker object is written under the output prefix
   (``<prefix>_bottleneck/running/<message id>``) and removed once the message is settled. Its
   body counts the times the message was running alone when a consumer died. A suspect whose
@@ -29,7 +30,8 @@ them all to the dead-letter queue without a reason. So:
   they receive one message at a time, one receiver at a time, so that suspects arrive one by
   one instead of ten held together, until ``CAREFUL_STREAK`` fresh messages in a row show the
   redeliveries are over. Once a suspect has been seen they also wait, before each receive,
-  until everything in flight is settled (see :meth:`Quarantine.polling`).
+  until everything held is settled and done with by the acker (see
+  :meth:`Quarantine.polling`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class Quarantine:
         self.keep_markers = False
         self._lock = threading.Lock()
         self._careful = True
-        # Careful and a suspect seen since: receive only with nothing unsettled in flight.
+        # Careful and a suspect seen since: receive only with nothing held.
         self._serial = False
         self._streak = 0
         # Suspects waiting for the pipeline to drain or running alone: while there is one, no
@@ -163,7 +165,7 @@ class Quarantine:
     def polling(self, held: Callable[[], list[Message]]) -> Iterator[bool]:
         """Whether the caller may poll now. While careful, one receiver polls at a time (the
         poll and a suspect's whole run are one turn); once a suspect has been seen, receiving
-        is serial too: a poll waits until everything ``held`` in flight is settled.
+        is serial too: a poll waits until nothing is ``held``, deletes included.
 
         A message received beside unsettled work spends a receive if that work crashes the
         consumer: a suspect received while another ran alone, or while a fresh poison image

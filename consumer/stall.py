@@ -7,9 +7,9 @@ Progress is any image settled (written, skipped, failed) or any batch computed. 
 work has been held for ``--stall-timeout`` seconds (default 15 minutes, 0: never) without any,
 the worker logs every thread's stack, stops as on SIGTERM but without the grace period (its
 messages go back to the queue at once) and exits 3, so that the scaler starts a fresh job for
-them. A suspect that was running
-alone keeps its quarantine marker, so a message that stalls the consumer alone is convicted as
-``crashed`` the way one that kills it is (see :mod:`consumer.quarantine`).
+them. A suspect that was running alone keeps its quarantine marker, so a message that stalls
+the consumer alone is convicted as ``crashed`` the way one that kills it is (see
+:mod:`consumer.quarantine`).
 
 The clock starts when work is first held after an idle spell, so a worker idle for an hour
 does not stall on the first message it receives. Forward passes, the slowest step, last

@@ -490,13 +490,23 @@ def test_full_batches_are_deleted_several_calls_at_once(monkeypatch: pytest.Monk
     assert acker.idle()
 
 
-def test_a_trickle_is_gathered_into_one_call_not_spread_over_the_callers(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("nothing_coming", "calls"),
+    [
+        # idle callers do not split a batch (each call costs as much as the ten deletes in it)
+        (False, [10]),
+        # while receiving waits for what is held to be done with (a suspect's solo run, serial
+        # receives), none is coming until the last is deleted: each goes at once
+        (True, [1] * 10),
+    ],
+)
+def test_a_trickle_is_gathered_into_one_call_unless_nothing_else_is_coming(
+    monkeypatch: pytest.MonkeyPatch, nothing_coming: bool, calls: list[int]
 ) -> None:
     # GIVEN an acker allowed 4 calls at once, and deletes arriving one every 10 ms
     monkeypatch.undo()
     sqs = SlowSqs(0.0)
-    acker, held = _thread_rig(sqs, concurrency=4, messages=10)
+    acker, held = _thread_rig(sqs, concurrency=4, messages=10, nothing_coming=nothing_coming)
     acker.start()
 
     # WHEN ten come within the flush time
@@ -506,31 +516,8 @@ def test_a_trickle_is_gathered_into_one_call_not_spread_over_the_callers(
     acker.stop()
     acker.join(timeout=30)
 
-    # THEN they went in one call of ten: idle callers do not split a batch (each call costs
-    # as much as the ten deletes in it)
-    assert [len(ids) for _, ids in sqs.calls] == [10]
-
-
-def test_while_nothing_is_coming_each_delete_goes_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # GIVEN an acker while receiving waits for what is held to be done with (a suspect's solo
-    # run, serial receives), and deletes arriving 50 ms apart, inside the flush time
-    monkeypatch.undo()
-    sqs = SlowSqs(0.0)
-    acker, held = _thread_rig(sqs, concurrency=1, messages=3, nothing_coming=True)
-    acker.start()
-
-    # WHEN they come
-    for message in held:
-        acker.put(Action(Verdict.DELETE, message))
-        time.sleep(0.05)
-    acker.stop()
-    acker.join(timeout=30)
-
-    # THEN each went in a call of its own, not gathered for the next: none is coming until it
-    # is done with (the trickle test above gathers the same deletes into one call)
-    assert [len(ids) for _, ids in sqs.calls] == [1, 1, 1]
+    # THEN they went in one call of ten, or, while nothing else is coming, one call each
+    assert [len(ids) for _, ids in sqs.calls] == calls
 
 
 class BuggyQueue(WorkQueue):

@@ -2,40 +2,55 @@
 
 from __future__ import annotations
 
+import pytest
+
 from consumer.stall import StallWatch
 
+# (busy, progress, now, stalled): successive looks of the worker's loop, timeout 10 s.
+Look = tuple[bool, int, float, bool]
 
-def test_held_work_without_progress_for_the_timeout_is_a_stall() -> None:
+
+@pytest.mark.parametrize(
+    "looks",
+    [
+        pytest.param(
+            [(True, 5, 100.0, False), (True, 5, 109.9, False), (True, 5, 110.0, True)],
+            id="held work without progress for the timeout",
+        ),
+        pytest.param(
+            [
+                (True, 5, 100.0, False),
+                (True, 6, 108.0, False),
+                (True, 6, 117.0, False),
+                (True, 6, 118.0, True),
+            ],
+            id="progress starts the clock again",
+        ),
+        pytest.param(
+            # idle for an hour (nothing held, no progress either): work that then arrives has
+            # the whole timeout
+            [
+                (False, 0, 0.0, False),
+                (False, 0, 3600.0, False),
+                (True, 0, 3601.0, False),
+                (True, 0, 3610.0, False),
+                (True, 0, 3611.0, True),
+            ],
+            id="an idle spell is no stall",
+        ),
+        pytest.param(
+            [
+                (True, 1, 0.0, False),
+                (False, 1, 9.0, False),
+                (True, 1, 9.5, False),
+                (True, 1, 19.0, False),
+                (True, 1, 19.5, True),
+            ],
+            id="a pause between held spells starts the clock again",
+        ),
+    ],
+)
+def test_a_stall_is_held_work_without_progress_for_the_timeout(looks: list[Look]) -> None:
     watch = StallWatch(10.0)
-    assert not watch.stalled(busy=True, progress=5, now=100.0)
-    assert not watch.stalled(busy=True, progress=5, now=109.9)
-    assert watch.stalled(busy=True, progress=5, now=110.0)
-
-
-def test_progress_starts_the_clock_again() -> None:
-    watch = StallWatch(10.0)
-    assert not watch.stalled(busy=True, progress=5, now=100.0)
-    assert not watch.stalled(busy=True, progress=6, now=108.0)
-    assert not watch.stalled(busy=True, progress=6, now=117.0)
-    assert watch.stalled(busy=True, progress=6, now=118.0)
-
-
-def test_an_idle_spell_is_no_stall_and_the_clock_starts_when_work_arrives() -> None:
-    # GIVEN a worker idle for an hour (nothing held, so no progress either)
-    watch = StallWatch(10.0)
-    assert not watch.stalled(busy=False, progress=0, now=0.0)
-    assert not watch.stalled(busy=False, progress=0, now=3600.0)
-
-    # WHEN work arrives, THEN it has the whole timeout from then on
-    assert not watch.stalled(busy=True, progress=0, now=3601.0)
-    assert not watch.stalled(busy=True, progress=0, now=3610.0)
-    assert watch.stalled(busy=True, progress=0, now=3611.0)
-
-
-def test_a_pause_between_held_spells_starts_the_clock_again() -> None:
-    watch = StallWatch(10.0)
-    assert not watch.stalled(busy=True, progress=1, now=0.0)
-    assert not watch.stalled(busy=False, progress=1, now=9.0)
-    assert not watch.stalled(busy=True, progress=1, now=9.5)
-    assert not watch.stalled(busy=True, progress=1, now=19.0)
-    assert watch.stalled(busy=True, progress=1, now=19.5)
+    seen = [watch.stalled(busy=busy, progress=n, now=now) for busy, n, now, _ in looks]
+    assert seen == [stalled for *_, stalled in looks]
