@@ -47,6 +47,18 @@ S3_NATIVE_GROUP = "s3-native"
 """obstore's Rust I/O threads (tokio, no Python object either): S3 work, not the model's."""
 
 
+def python_threads() -> dict[int, str]:
+    """Native id -> name of the threads Python started. A native thread that once ran Python
+    (obstore calls a credential provider on its tokio threads, and logging there registers the
+    thread) shows in ``threading.enumerate()`` as a ``_DummyThread``; it is left out, so that its
+    CPU is grouped by :func:`native_group` as every other native thread's."""
+    return {
+        t.native_id: t.name
+        for t in threading.enumerate()
+        if t.native_id is not None and not isinstance(t, threading._DummyThread)
+    }
+
+
 def native_group(tid: int) -> str:
     """The group of a thread Python does not know, by its kernel name: tokio's workers (the
     native S3 client) are named ``tokio-rt-worker``, torch's are named after the process."""
@@ -214,7 +226,7 @@ class CpuMeter:
         return counted, excluded
 
     def _snapshot(self) -> _Snapshot:
-        names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+        names = python_threads()
         times = self.process.cpu_times()
         children, excluded = self._children_cpu()
         return _Snapshot(

@@ -53,7 +53,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.accounting import task_schedstat, thread_group
+from benchmarks.accounting import python_threads, task_schedstat, thread_group
 
 PR_SET_PTRACER = 0x59616D61
 PR_SET_PTRACER_ANY = ctypes.c_ulong(-1).value
@@ -117,9 +117,7 @@ class RunQueueClock:
         self._names: dict[int, str] = {}
 
     def _name_threads(self) -> None:
-        for thread in threading.enumerate():
-            if thread.native_id is not None:
-                self._names[thread.native_id] = thread.name
+        self._names.update(python_threads())
 
     def start(self) -> None:
         self._name_threads()
