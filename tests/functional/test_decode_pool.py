@@ -56,6 +56,27 @@ def test_the_pixels_are_the_thread_paths_exactly(pool: DecodeProcesses) -> None:
         assert np.array_equal(pool(data), exact(data)), name
 
 
+def _ran_ns(pid: int) -> int:
+    with open(f"/proc/{pid}/schedstat") as stat:
+        return int(stat.read().split()[0])
+
+
+def test_one_image_at_a_time_goes_to_the_child_that_decoded_last(pool: DecodeProcesses) -> None:
+    # GIVEN two idle children, each having decoded once (so both are warm)
+    data = photo_jpeg(1200, 900, seed=3)
+    with ThreadPoolExecutor(2) as both:
+        list(both.map(pool, [data, data]))
+    before = {pid: _ran_ns(pid) for pid in pool.pids}
+
+    # WHEN images come one at a time (fewer than there are children)
+    for _ in range(12):
+        pool(data)
+
+    # THEN one child decoded them all, its caches warm, not each in turn
+    ran = sorted(_ran_ns(pid) - start for pid, start in before.items())
+    assert ran[-1] > 0.9 * sum(ran), ran
+
+
 def test_bad_inputs_keep_their_own_error_codes(pool: DecodeProcesses) -> None:
     for name, (data, code) in sorted(BAD_CASES.items()):
         with pytest.raises(PermanentError) as caught:
