@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.accounting import CpuMeter, ModelClock
 from bottleneck_contract.messages import ImageRef, encode
-from consumer.objects import ConditionFailed, Existing, Fetched
+from consumer.objects import ConditionFailed, Existing, Fetched, SizeCallback
 from consumer.sqs import BATCH
 
 IMAGE_BUCKET = "images"
@@ -70,9 +70,13 @@ class SlowObjects:
         with self._lock:
             self.calls[name] += 1
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
         self._call("GetObject")
         body, etag, _ = self.objects[(bucket, key)]
+        if on_size is not None:
+            on_size(len(body))
         return Fetched(body, etag)
 
     def head(self, bucket: str, key: str) -> Existing | None:

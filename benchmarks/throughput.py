@@ -554,9 +554,9 @@ class CountedObjects:
         self.counter = counter
         self.name = inner.name
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Any:
+    def get(self, bucket: str, key: str, *, max_bytes: int, on_size: Any = None) -> Any:
         self.counter.tally("GetObject")
-        return self.inner.get(bucket, key, max_bytes=max_bytes)
+        return self.inner.get(bucket, key, max_bytes=max_bytes, on_size=on_size)
 
     def head(self, bucket: str, key: str) -> Any:
         self.counter.tally("HeadObject")

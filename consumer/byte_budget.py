@@ -76,6 +76,15 @@ class ByteBudget:
                 # The next in line may fit too (several small images after a large one left).
                 self._cond.notify_all()
 
+    def try_take(self, size: int) -> bool:
+        """Hold ``size`` bytes only if they fit now with no one waiting (the line keeps its
+        order); ``False``, holding nothing, otherwise or once closed."""
+        with self._cond:
+            if self._closed or self._line or not self._fits(size):
+                return False
+            self._held += size
+            return True
+
     def add(self, size: int) -> None:
         """Hold ``size`` more bytes without waiting: an object larger than its message said. (A
         holder that waited for more could wait for another holder doing the same.)"""

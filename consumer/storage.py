@@ -23,7 +23,14 @@ from enum import Enum
 from bottleneck_contract.features import is_current
 from bottleneck_contract.messages import ImageRef
 from consumer.errors import TransientError
-from consumer.objects import ConditionFailed, Existing, Fetched, ObjectClient, strip_etag
+from consumer.objects import (
+    ConditionFailed,
+    Existing,
+    Fetched,
+    ObjectClient,
+    SizeCallback,
+    strip_etag,
+)
 
 __all__ = ["Existing", "Fetched", "WriteOutcome", "fetch", "head", "strip_etag", "write_feature"]
 
@@ -42,9 +49,12 @@ class WriteOutcome(Enum):
     SOURCE_GONE = "source-gone"  # the source was deleted: no feature file is kept for it
 
 
-def fetch(objects: ObjectClient, ref: ImageRef, *, max_bytes: int) -> Fetched:
-    """The image into memory; objects over ``max_bytes`` are refused before their body is read."""
-    return objects.get(ref.bucket, ref.key, max_bytes=max_bytes)
+def fetch(
+    objects: ObjectClient, ref: ImageRef, *, max_bytes: int, on_size: SizeCallback | None = None
+) -> Fetched:
+    """The image into memory; objects over ``max_bytes`` are refused before their body is read,
+    and ``on_size`` hears the size before it is read (see :meth:`ObjectClient.get`)."""
+    return objects.get(ref.bucket, ref.key, max_bytes=max_bytes, on_size=on_size)
 
 
 def head(objects: ObjectClient, bucket: str, key: str) -> Existing | None:

@@ -22,7 +22,7 @@ conditional PUT's precondition does not hold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -51,14 +51,27 @@ class ConditionFailed(Exception):
     """A conditional PUT lost: the object exists (create-only) or is not the version named."""
 
 
+class GetAbandoned(Exception):
+    """Raised by a GET's ``on_size`` to end it with its body unread; ``get`` lets it through."""
+
+
+SizeCallback = Callable[[int], None]
+
+
 class ObjectClient(Protocol):
     """GET into memory, HEAD with user metadata, the conditional PUT and DELETE, and COPY."""
 
     name: str
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
         """The object's bytes; over ``max_bytes`` raises ``PermanentError("too-large")`` before
-        the body is read; a missing object or bucket raises ``PermanentError("not-found")``."""
+        the body is read; a missing object or bucket raises ``PermanentError("not-found")``.
+
+        ``on_size`` is called with the object's size once the response's headers are in (and
+        within ``max_bytes``), before the body is read: it may wait (for a memory budget), and
+        :class:`GetAbandoned` raised there ends the GET unread and reaches the caller as is."""
         ...
 
     def head(self, bucket: str, key: str) -> Existing | None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from consumer import aws
 from consumer.errors import PermanentError
-from consumer.objects import ConditionFailed, Existing, Fetched, strip_etag
+from consumer.objects import ConditionFailed, Existing, Fetched, SizeCallback, strip_etag
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
@@ -25,7 +25,9 @@ class BotoObjects:
     def __init__(self, s3: Any) -> None:
         self.s3 = s3
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
         response = aws.call(self.s3.get_object, Bucket=bucket, Key=key)
         body = response["Body"]
         try:
@@ -34,6 +36,8 @@ class BotoObjects:
                 raise PermanentError(
                     "too-large", f"object is {length} bytes; the limit is {max_bytes}"
                 )
+            if on_size is not None:
+                on_size(length)
             data = body.read()
         finally:
             body.close()

@@ -36,7 +36,15 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, PreconditionError
 
 from consumer.errors import PermanentError, TransientError, aws_failure
-from consumer.objects import ConditionFailed, Existing, Fetched, ObjectClient, strip_etag
+from consumer.objects import (
+    ConditionFailed,
+    Existing,
+    Fetched,
+    GetAbandoned,
+    ObjectClient,
+    SizeCallback,
+    strip_etag,
+)
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3CredentialProvider, S3Store
@@ -127,9 +135,11 @@ class NativeObjects:
             credential_provider=_credential_provider(),
         )
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
         if not native_key(key):
-            return self.fallback.get(bucket, key, max_bytes=max_bytes)
+            return self.fallback.get(bucket, key, max_bytes=max_bytes, on_size=on_size)
         try:
             result = obstore.get(self._store(bucket), key)
             size = int(result.meta["size"])
@@ -138,9 +148,11 @@ class NativeObjects:
                 raise PermanentError(
                     "too-large", f"object is {size} bytes; the limit is {max_bytes}"
                 )
+            if on_size is not None:
+                on_size(size)
             data = bytes(result.bytes())
             etag = strip_etag(result.meta["e_tag"])
-        except (PermanentError, TransientError):
+        except (PermanentError, TransientError, GetAbandoned):
             raise
         except Exception as exc:
             raise translate(exc, "GET", bucket, key) from exc

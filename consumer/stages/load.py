@@ -12,6 +12,7 @@ blocks whoever decoded, which is how a slow model pushes back.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -23,12 +24,20 @@ from consumer.byte_budget import ByteBudget
 from consumer.dedupe import ContentIndex, content_hash
 from consumer.errors import classify
 from consumer.inflight import InFlight
-from consumer.objects import ObjectClient
+from consumer.objects import GetAbandoned, ObjectClient
 from consumer.preprocess import Preparer
 from consumer.stats import Stats
 from consumer.work import ImageTask
 
 log = logging.getLogger(__name__)
+
+
+class _SizeWaits(GetAbandoned):
+    """An object's size does not fit the budget now: its GET ends with the body unread."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
 
 
 class Loader:
@@ -102,19 +111,31 @@ class Loader:
         try:
             if self.head_first and self._already_done(task, task.ref.etag):
                 return None
-            # The size the message names is taken before the GET, so that the budget bounds
-            # the fetches too; without one (or one that is too large), after it.
+            # The budget bounds the downloads, not only what waits for decode: the size the
+            # message names is taken before the GET; the object's own size (a message that
+            # names none, or another: replaced since) once the GET's headers are in, before
+            # its body is read. No connection waits: where that size does not fit at once,
+            # the body is left unread, the budget waited for, and the GET sent again.
             named = task.ref.size if (task.ref.size or 0) <= self.max_bytes else None
-            if named is not None:
+            if named is not None and self.budget is not None:
                 if not self._hold(task, named):
                     return None  # halted while it waited for the budget
                 if self._abandoned(task):
                     return None  # lost, or halted, while it waited
-            fetched = storage.fetch(self.s3, task.ref, max_bytes=self.max_bytes)
-            if named is not None:
-                self._resize_hold(task, len(fetched.data))
-            elif not self._hold(task, len(fetched.data)):
+            on_size = None if self.budget is None else functools.partial(self._hold_body, task)
+            fetched = None
+            while fetched is None:
+                try:
+                    fetched = storage.fetch(
+                        self.s3, task.ref, max_bytes=self.max_bytes, on_size=on_size
+                    )
+                except _SizeWaits as waits:
+                    if not self._hold(task, waits.size) or self._abandoned(task):
+                        return None  # halted, or lost, while it waited for the budget
+            # A client that reports no size before the body: held now, as it is.
+            if task.budget is None and not self._hold(task, len(fetched.data)):
                 return None
+            self._resize_hold(task, len(fetched.data))
             task.source_etag = fetched.etag
             task.data = fetched.data
             task.content_sha256 = content_hash(fetched.data)
@@ -144,8 +165,22 @@ class Loader:
         task.budget, task.budgeted = self.budget, size
         return True
 
+    def _hold_body(self, task: ImageTask, size: int) -> None:
+        """The GET's ``on_size``: hold the object's size before its body is read, if it fits
+        now; else end the GET unread (:class:`_SizeWaits`) for the fetch to wait without it."""
+        if task.budget is not None:
+            if size == task.budgeted:
+                return  # as its message said, or as held before this GET
+            # Replaced since its message named a size: the share is given back and the real
+            # size taken afresh (one that waited holding a share could wait on another).
+            task.drop_data()
+        assert self.budget is not None  # on_size is given only with a budget
+        if not self.budget.try_take(size):
+            raise _SizeWaits(size)
+        task.budget, task.budgeted = self.budget, size
+
     def _resize_hold(self, task: ImageTask, size: int) -> None:
-        """The object's real size, where its message named another (it was replaced since)."""
+        """The bytes' real size, where the client reported another before the body (a fake)."""
         if task.budget is None or size == task.budgeted:
             return
         if size > task.budgeted:

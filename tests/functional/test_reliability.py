@@ -23,7 +23,7 @@ import torch
 import consumer.stages.infer
 from bottleneck_contract.messages import ImageRef, encode
 from consumer.aws import Clients
-from consumer.objects import Existing, Fetched, ObjectClient
+from consumer.objects import Existing, Fetched, ObjectClient, SizeCallback
 from consumer.objects.boto import BotoObjects
 from consumer.runtime import Runtime, build_runtime
 from consumer.worker import Worker
@@ -313,8 +313,10 @@ class DeletesTheSourceBeforeEachPut:
     def __init__(self, inner: ObjectClient, s3: Any, images: str) -> None:
         self.inner, self.s3, self.images, self.name = inner, s3, images, inner.name
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
-        return self.inner.get(bucket, key, max_bytes=max_bytes)
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
+        return self.inner.get(bucket, key, max_bytes=max_bytes, on_size=on_size)
 
     def head(self, bucket: str, key: str) -> Existing | None:
         return self.inner.head(bucket, key)

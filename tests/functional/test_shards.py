@@ -167,7 +167,7 @@ class Store:
         self.objects[key] = (bytes(body), dict(metadata), content_type)
         return f"etag-{len(self.objects)}"
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(self, bucket: str, key: str, *, max_bytes: int, on_size: Any = None) -> Fetched:
         raise AssertionError("the writer reads nothing")
 
     def head(self, bucket: str, key: str) -> Existing | None:

@@ -19,7 +19,7 @@ import botocore.exceptions
 import pytest
 
 from consumer.errors import PermanentError, TransientError, classify
-from consumer.objects import ConditionFailed, ObjectClient, open_objects
+from consumer.objects import ConditionFailed, GetAbandoned, ObjectClient, open_objects
 from consumer.objects.boto import BotoObjects
 from consumer.objects.native import RETRY, NativeObjects, _credential_provider
 from tests.faults import Fault, FaultyEndpoint
@@ -90,6 +90,39 @@ def test_get_refuses_an_object_over_the_cap(objects: ObjectClient, s3: Any) -> N
     with pytest.raises(PermanentError) as raised:
         objects.get(BUCKET, "big.jpg", max_bytes=1000)
     assert raised.value.error_code == "too-large"
+
+
+@pytest.mark.parametrize("key", ["photos/a.jpg", "double//slash.jpg"])
+def test_get_tells_the_size_before_the_body_and_can_be_abandoned(
+    objects: ObjectClient, s3: Any, key: str
+) -> None:
+    # GIVEN an object of 5,000 bytes (under a key obstore carries, and one it leaves to boto3)
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"y" * 5000)
+    sizes: list[int] = []
+
+    def refuse(size: int) -> None:
+        sizes.append(size)
+        raise GetAbandoned(key)
+
+    # WHEN it is fetched with a callback that hears the size, then with one that abandons it
+    fetched = objects.get(BUCKET, key, max_bytes=10_000, on_size=sizes.append)
+    with pytest.raises(GetAbandoned):
+        objects.get(BUCKET, key, max_bytes=10_000, on_size=refuse)
+
+    # THEN both heard the size (the first before its bytes came back), and the abandon came
+    # through as itself, not as an S3 failure
+    assert sizes == [5000, 5000]
+    assert fetched.data == b"y" * 5000
+
+
+def test_an_object_over_the_cap_is_refused_before_its_size_is_told(
+    objects: ObjectClient, s3: Any
+) -> None:
+    s3.put_object(Bucket=BUCKET, Key="big.jpg", Body=b"x" * 1001)
+    sizes: list[int] = []
+    with pytest.raises(PermanentError):
+        objects.get(BUCKET, "big.jpg", max_bytes=1000, on_size=sizes.append)
+    assert sizes == []
 
 
 @pytest.mark.parametrize(("bucket", "key"), [(BUCKET, "missing.jpg"), ("no-such-bucket", "a.jpg")])

@@ -19,7 +19,7 @@ import pytest
 
 from bottleneck_contract.messages import ImageRef
 from consumer.errors import TransientError
-from consumer.objects import Existing, Fetched, ObjectClient
+from consumer.objects import Existing, Fetched, ObjectClient, SizeCallback
 from consumer.objects.boto import BotoObjects
 from consumer.objects.native import RETRY, NativeObjects
 from consumer.storage import CONTENT_TYPE, WriteOutcome, write_feature
@@ -64,8 +64,10 @@ class Racing:
         self.world = world
         self.rounds = 0
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
-        return self.inner.get(bucket, key, max_bytes=max_bytes)
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
+        return self.inner.get(bucket, key, max_bytes=max_bytes, on_size=on_size)
 
     def head(self, bucket: str, key: str) -> Existing | None:
         return self.inner.head(bucket, key)

@@ -112,6 +112,25 @@ def test_a_close_wakes_every_waiter_empty_handed_and_refuses_later_takes() -> No
     assert budget.held == 0
 
 
+def test_a_try_take_holds_only_what_fits_now_and_never_jumps_the_line() -> None:
+    # GIVEN a budget of 100 with 60 held
+    budget = ByteBudget(100)
+    assert budget.take(60)
+
+    # WHEN 30 bytes are tried, then 30 more, then (with a taker waiting) 5, then after a close
+    fits, spent = budget.try_take(30), budget.try_take(30)
+    got: list[tuple[int, bool]] = []
+    taker(budget, 50, got)
+    wait_for(lambda: waiting(budget) == 1)
+    behind = budget.try_take(5)
+    budget.close()
+
+    # THEN only the first held its bytes, none waited, and the waiter kept its turn
+    assert (fits, spent, behind) == (True, False, False)
+    assert budget.held == 90
+    assert budget.try_take(1) is False
+
+
 def test_bytes_added_without_waiting_count_until_given_back() -> None:
     # GIVEN a budget of 100 with 90 held, 20 of them added past the limit without a wait
     budget = ByteBudget(100)

@@ -16,7 +16,7 @@ from consumer.byte_budget import ByteBudget
 from consumer.decode import DecodeLimits
 from consumer.errors import TransientError
 from consumer.inflight import InFlight
-from consumer.objects import Fetched
+from consumer.objects import Fetched, SizeCallback
 from consumer.stages.load import Loader
 from consumer.stats import Stats
 from consumer.work import ImageTask, Message
@@ -25,7 +25,11 @@ from consumer.work import ImageTask, Message
 class Objects:
     name = "fake"
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
+        if on_size is not None:
+            on_size(len(key.encode()))
         return Fetched(data=key.encode(), etag="e")
 
 
@@ -120,21 +124,33 @@ def test_an_image_whose_decoders_stopped_with_the_worker_is_left_for_the_release
 
 
 class SizedObjects:
-    """Objects of given sizes; records each GET, and fails those named in ``failing``."""
+    """Objects of given sizes; records each GET sent and each body read, and fails those named
+    in ``failing``. ``tells_size``: the size goes to ``on_size`` between the two, as the real
+    clients do once the headers are in."""
 
     name = "fake"
 
-    def __init__(self, sizes: dict[str, int], failing: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, sizes: dict[str, int], failing: frozenset[str] = frozenset(), tells_size: bool = True
+    ) -> None:
         self.sizes = sizes
         self.failing = failing
+        self.tells_size = tells_size
         self.gets: list[str] = []
+        self.bodies: list[str] = []
         self._lock = threading.Lock()
 
-    def get(self, bucket: str, key: str, *, max_bytes: int) -> Fetched:
+    def get(
+        self, bucket: str, key: str, *, max_bytes: int, on_size: SizeCallback | None = None
+    ) -> Fetched:
         with self._lock:
             self.gets.append(key)
         if key in self.failing:
             raise TransientError("aws-unavailable", "503")
+        if on_size is not None and self.tells_size:
+            on_size(self.sizes[key])
+        with self._lock:
+            self.bodies.append(key)
         return Fetched(data=b"x" * self.sizes[key], etag="e")
 
 
@@ -171,13 +187,14 @@ def budgeted(
     failing: frozenset[str] = frozenset(),
     blocked: bool = True,
     on_device: bool = False,
+    tells_size: bool = True,
 ) -> Budgeted:
     """``blocked``: decodes wait for ``prepare.release``; otherwise they finish at once."""
     budget = ByteBudget(capacity)
     prepare = BlockedPreparer(budget)
     if not blocked:
         prepare.release.set()
-    objects = SizedObjects(sizes, failing)
+    objects = SizedObjects(sizes, failing, tells_size)
     out: BatchQueue[ImageTask] = BatchQueue(16)
     load = loader(
         prepare, out, inline=not on_device, objects=objects, budget=budget, on_device=on_device
@@ -237,26 +254,70 @@ def test_with_decode_on_the_device_the_bytes_are_held_until_the_image_is_resolve
     assert queued[0].data is None
 
 
-def test_a_size_the_message_does_not_name_or_names_wrongly_is_held_as_fetched() -> None:
-    # GIVEN a budget, and two images: one whose message names no size, one whose message names
-    # 10 bytes for an object replaced since by one of 30
-    b = budgeted(1000, {"unnamed": 25, "replaced": 30})
+def test_a_message_without_a_size_waits_for_the_budget_with_its_body_unread() -> None:
+    # GIVEN a budget of 100 bytes, four fetch threads, decodes that do not finish yet, and six
+    # images of 40 bytes whose messages name no size
+    b = budgeted(100, {f"k{i}": 40 for i in range(6)})
+    budget, prepare, objects, out, load = b.budget, b.prepare, b.objects, b.out, b.load
+
+    # WHEN all six are submitted
+    for i in range(6):
+        load.submit(task(f"k{i}"))
+
+    # THEN four GETs are sent (one a thread), but only two bodies are read (80 bytes held: a
+    # third would pass 100); the other two wait for the budget with no GET open, until decodes
+    # finish; then each is fetched again and read once, and every byte comes back
+    wait_until(lambda: len(prepare.held_at_start) == 2 and len(budget._line) == 2)
+    assert objects.gets[:2] == objects.bodies and len(objects.gets) == 4
+    assert budget.held == 80
+    prepare.release.set()
+    got = out.take(6, max_wait=10.0, first_wait=10.0)
+    load.shutdown()
+    assert len(got) == 6 and sorted(objects.bodies) == [f"k{i}" for i in range(6)]
+    assert max(prepare.held_at_start) <= 100
+    assert budget.held == 0
+
+
+def test_an_object_larger_than_its_message_said_waits_for_its_real_size() -> None:
+    # GIVEN a budget of 100 bytes, 80 of it held by an undecoded image, and a message that
+    # names 10 bytes for an object replaced since by one of 30
+    b = budgeted(100, {"first": 80, "replaced": 30})
+    budget, prepare, objects, out, load = b.budget, b.prepare, b.objects, b.out, b.load
+    load.submit(task("first", size=80))
+    wait_until(lambda: len(prepare.held_at_start) == 1)
+
+    # WHEN it is loaded
+    replaced = task("replaced", size=10)
+    load.submit(replaced)
+
+    # THEN its GET is sent on the 10 bytes named, but its body is left unread and it waits,
+    # holding nothing, until its 30 bytes fit; then it is fetched again and holds exactly
+    # those, and everything comes back at the end
+    wait_until(lambda: objects.gets == ["first", "replaced"] and len(budget._line) == 1)
+    assert objects.bodies == ["first"] and budget.held == 80 and replaced.budget is None
+    prepare.release.set()
+    got = out.take(2, max_wait=10.0, first_wait=10.0)
+    load.shutdown()
+    assert objects.gets == ["first", "replaced", "replaced"]
+    assert objects.bodies == ["first", "replaced"]
+    assert prepare.held_at_start == [80, 30]
+    assert len(got) == 2 and budget.held == 0
+
+
+def test_a_client_that_tells_no_size_before_the_body_holds_the_bytes_as_fetched() -> None:
+    # GIVEN a client that never calls on_size, and a message that names no size
+    b = budgeted(1000, {"untold": 25}, tells_size=False)
     budget, prepare, out, load = b.budget, b.prepare, b.out, b.load
 
-    # WHEN each is loaded on its own
-    load.submit(task("unnamed"))
+    # WHEN it is loaded
+    load.submit(task("untold"))
     wait_until(lambda: len(prepare.held_at_start) == 1)
-    prepare.release.set()
-    assert out.take(1, max_wait=10.0, first_wait=10.0)
-    prepare.release.clear()
-    load.submit(task("replaced", size=10))
-    wait_until(lambda: len(prepare.held_at_start) == 2)
     prepare.release.set()
     assert out.take(1, max_wait=10.0, first_wait=10.0)
     load.shutdown()
 
-    # THEN each held its real size while it waited for its decode, and gave it all back
-    assert prepare.held_at_start == [25, 30]
+    # THEN it held its size while it waited for its decode, and gave it all back
+    assert prepare.held_at_start == [25]
     assert budget.held == 0
 
 
@@ -279,13 +340,17 @@ def test_an_image_that_fails_gives_its_bytes_back() -> None:
     assert budget.held == 0
 
 
-def test_a_fetch_waiting_for_the_budget_gives_up_without_its_get_when_the_worker_stops() -> None:
-    # GIVEN a spent budget (an undecoded image holds it) and a second image waiting for it
+@pytest.mark.parametrize("named", [True, False], ids=["size-named", "size-from-headers"])
+def test_a_fetch_waiting_for_the_budget_gives_up_without_its_body_when_the_worker_stops(
+    named: bool,
+) -> None:
+    # GIVEN a spent budget (an undecoded image holds it) and a second image waiting for it:
+    # before its GET where its message names its size, else with its body unread
     b = budgeted(100, {"first": 100, "second": 50})
     budget, prepare, objects, load = b.budget, b.prepare, b.objects, b.load
     load.submit(task("first", size=100))
     wait_until(lambda: len(prepare.held_at_start) == 1)
-    second = task("second", size=50)
+    second = task("second", size=50 if named else None)
     load.submit(second)
     wait_until(lambda: len(budget._line) == 1)
 
@@ -295,8 +360,9 @@ def test_a_fetch_waiting_for_the_budget_gives_up_without_its_get_when_the_worker
     prepare.release.set()
     load.fetch_pool.shutdown(wait=True)
 
-    # THEN the waiting image was never fetched, nor failed (the release owns its message), and
-    # it holds no bytes of the budget
-    assert objects.gets == ["first"]
+    # THEN the waiting image's body was never read, nor did it fail (the release owns its
+    # message), and it holds no bytes of the budget
+    assert objects.bodies == ["first"]
+    assert objects.gets == (["first"] if named else ["first", "second"])
     assert second.failure is None and second.outcome is None
     assert second.budget is None and budget.held == 0
