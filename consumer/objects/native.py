@@ -149,7 +149,13 @@ class NativeObjects:
                     "too-large", f"object is {size} bytes; the limit is {max_bytes}"
                 )
             if on_size is not None:
-                on_size(size)
+                try:
+                    on_size(size)
+                except GetAbandoned:
+                    # The traceback keeps this frame alive: the response (its connection and
+                    # the body arriving on it) must go now, not when the caller is done.
+                    del result
+                    raise
             data = bytes(result.bytes())
             etag = strip_etag(result.meta["e_tag"])
         except (PermanentError, TransientError, GetAbandoned):

@@ -117,21 +117,24 @@ class Loader:
             # its body is read. No connection waits: where that size does not fit at once,
             # the body is left unread, the budget waited for, and the GET sent again.
             named = task.ref.size if (task.ref.size or 0) <= self.max_bytes else None
-            if named is not None and self.budget is not None:
-                if not self._hold(task, named):
-                    return None  # halted while it waited for the budget
-                if self._abandoned(task):
-                    return None  # lost, or halted, while it waited
+            if (
+                named is not None
+                and self.budget is not None
+                and not self._hold_before_get(task, named)
+            ):
+                return None  # halted, or lost, while it waited for the budget
             on_size = None if self.budget is None else functools.partial(self._hold_body, task)
-            fetched = None
+            fetched, size = None, 0
             while fetched is None:
                 try:
                     fetched = storage.fetch(
                         self.s3, task.ref, max_bytes=self.max_bytes, on_size=on_size
                     )
                 except _SizeWaits as waits:
-                    if not self._hold(task, waits.size) or self._abandoned(task):
-                        return None  # halted, or lost, while it waited for the budget
+                    size = waits.size
+                # Waited for outside the except block: its traceback holds the GET's frames.
+                if fetched is None and not self._hold_before_get(task, size):
+                    return None  # halted, or lost, while it waited for the budget
             # A client that reports no size before the body: held now, as it is.
             if task.budget is None and not self._hold(task, len(fetched.data)):
                 return None
@@ -163,6 +166,16 @@ class Loader:
         if not self.budget.take(size):
             return False
         task.budget, task.budgeted = self.budget, size
+        return True
+
+    def _hold_before_get(self, task: ImageTask, size: int) -> bool:
+        """Hold ``size`` bytes before a GET; ``False`` (holding nothing) if the worker halted or
+        the message was lost while it waited."""
+        if not self._hold(task, size):
+            return False
+        if self._abandoned(task):
+            task.drop_data()  # a halt resolves nothing: the share would stay taken
+            return False
         return True
 
     def _hold_body(self, task: ImageTask, size: int) -> None:

@@ -268,7 +268,7 @@ def test_a_message_without_a_size_waits_for_the_budget_with_its_body_unread() ->
     # third would pass 100); the other two wait for the budget with no GET open, until decodes
     # finish; then each is fetched again and read once, and every byte comes back
     wait_until(lambda: len(prepare.held_at_start) == 2 and len(budget._line) == 2)
-    assert objects.gets[:2] == objects.bodies and len(objects.gets) == 4
+    assert len(objects.bodies) == 2 and len(objects.gets) == 4
     assert budget.held == 80
     prepare.release.set()
     got = out.take(6, max_wait=10.0, first_wait=10.0)
