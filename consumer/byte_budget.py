@@ -11,8 +11,10 @@ consumer held, each with its receive count raised.
 
 So each fetch takes its image's size from one shared budget before its GET (the size the
 message names, as S3 events and listings do) and gives it back when the bytes are dropped:
-decoded, or the image resolved. A message without a size is counted after its GET: the objects
-that then wait for the budget in memory are bounded by the fetch threads, as before. A take
+decoded, or the image resolved. A message without a size (or with a wrong one) takes the
+object's size once its GET's headers are in, with :meth:`ByteBudget.try_take`; where that does not
+fit, the body is left unread and the fetch waits with :meth:`ByteBudget.take` before sending the
+GET again (see :mod:`consumer.stages.load`), so what waits has never been downloaded. A take
 waits while the budget is spent, first come first served, so a large image is not starved by a
 stream of small ones; one image larger than the whole budget still goes through once nothing
 else is held. ``--max-encoded-bytes`` sets the budget (default 4 GiB: four batches of 64 images
@@ -84,12 +86,6 @@ class ByteBudget:
                 return False
             self._held += size
             return True
-
-    def add(self, size: int) -> None:
-        """Hold ``size`` more bytes without waiting: an object larger than its message said. (A
-        holder that waited for more could wait for another holder doing the same.)"""
-        with self._cond:
-            self._held += size
 
     def give(self, size: int) -> None:
         with self._cond:

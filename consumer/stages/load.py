@@ -138,7 +138,6 @@ class Loader:
             # A client that reports no size before the body: held now, as it is.
             if task.budget is None and not self._hold(task, len(fetched.data)):
                 return None
-            self._resize_hold(task, len(fetched.data))
             task.source_etag = fetched.etag
             task.data = fetched.data
             task.content_sha256 = content_hash(fetched.data)
@@ -191,16 +190,6 @@ class Loader:
         if not self.budget.try_take(size):
             raise _SizeWaits(size)
         task.budget, task.budgeted = self.budget, size
-
-    def _resize_hold(self, task: ImageTask, size: int) -> None:
-        """The bytes' real size, where the client reported another before the body (a fake)."""
-        if task.budget is None or size == task.budgeted:
-            return
-        if size > task.budgeted:
-            task.budget.add(size - task.budgeted)
-        else:
-            task.budget.give(task.budgeted - size)
-        task.budgeted = size
 
     def _already_done(self, task: ImageTask, etag: str | None) -> bool:
         """``--existing-check head``: skip an image whose current feature file is there."""

@@ -131,28 +131,6 @@ def test_a_try_take_holds_only_what_fits_now_and_never_jumps_the_line() -> None:
     assert budget.try_take(1) is False
 
 
-def test_bytes_added_without_waiting_count_until_given_back() -> None:
-    # GIVEN a budget of 100 with 90 held, 20 of them added past the limit without a wait
-    budget = ByteBudget(100)
-    assert budget.take(70)
-    budget.add(20)
-    budget.add(20)
-    got: list[tuple[int, bool]] = []
-
-    # WHEN 5 are asked for
-    thread = taker(budget, 5, got)
-    wait_for(lambda: waiting(budget) == 1)
-
-    # THEN they wait until the held bytes are back under the limit with room for them
-    budget.give(10)
-    time.sleep(0.05)
-    assert got == []
-    budget.give(10)
-    thread.join(10)
-    assert got == [(5, True)]
-    assert budget.held == 95
-
-
 def test_a_budget_needs_at_least_one_byte() -> None:
     with pytest.raises(ValueError, match="at least 1 byte"):
         ByteBudget(0)
