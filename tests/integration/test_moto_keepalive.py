@@ -15,7 +15,12 @@ from benchmarks.moto_keepalive import serve
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[str, list[int]]]:
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[int]]]:
+    from moto.sqs.models import SQSBackend
+
+    # serve() patches moto's receive for the process: put moto's own back afterwards.
+    name = "is_message_valid_based_on_retention_period"
+    monkeypatch.setattr(SQSBackend, name, getattr(SQSBackend, name))
     server = serve()
     connections: list[int] = []
     finish = server.finish_request
@@ -89,3 +94,40 @@ def test_a_chunked_request_body_is_read_whole_and_the_connection_serves_the_next
     assert s3.get_object(Bucket="chunked", Key="one")["Body"].read() == b"hello world"
     assert s3.get_object(Bucket="chunked", Key="two")["Body"].read() == b"again"
     assert len(connections) == 2  # the boto3 client's, and this one
+
+
+def test_receives_build_no_attribute_maps_and_still_drop_expired_messages(
+    server: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.sqs.models import Queue, sqs_backends
+
+    url, _ = server
+    sqs = client("sqs", url)
+    retention = {"MessageRetentionPeriod": "60"}
+    queue_url = sqs.create_queue(QueueName="retained", Attributes=retention)["QueueUrl"]
+    for i in range(30):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=f"m{i}")
+    # GIVEN the oldest message sent 61 s ago, past the queue's 60 s retention period
+    queue = sqs_backends["123456789012"]["us-east-1"].queues["retained"]
+    oldest: Any = queue._messages[0]  # moto types sent_timestamp as None
+    oldest.sent_timestamp -= 61_000
+    built = []
+    attributes = Queue.attributes
+
+    def counted(self: Queue) -> dict[str, Any]:
+        built.append(1)
+        return attributes.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(Queue, "attributes", property(counted))
+
+    # WHEN a client receives from the queue of thirty
+    received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)
+
+    # THEN no attribute map was built (moto builds three per message returned), and the expired
+    # message ends the receive as in moto: nothing past it is returned
+    assert built == []
+    assert received.get("Messages", []) == []
+    # AND without the expired one, the receive returns the next ten in order
+    queue._messages.remove(oldest)
+    received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)
+    assert [m["Body"] for m in received["Messages"]] == [f"m{i}" for i in range(1, 11)]
