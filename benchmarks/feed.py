@@ -447,7 +447,7 @@ def format_feed(row: dict[str, Any]) -> str:
 def add_feed_arguments(parser: argparse.ArgumentParser) -> None:
     """The feed row's options (shared by ``benchmarks.throughput`` and ``benchmarks.gpu``)."""
     parser.add_argument(
-        "--feed-images", type=int, default=600, help="feed row: images in the window (600)"
+        "--feed-images", type=int, default=1500, help="feed row: images in the window (1500)"
     )
     parser.add_argument(
         "--feed-warmup",
