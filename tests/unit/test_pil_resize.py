@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import consumer.pil_resize as pil_resize
 from consumer.pil_resize import plain_stages
 from consumer.preprocess import InputSpec, pil_stages
 from tests.corpus import photo_array
@@ -19,8 +20,12 @@ SPECS = [
     InputSpec((3, 160, 160), "bicubic", MEAN, STD, 0.875, "center"),  # test_vit
     InputSpec((3, 224, 224), "lanczos", MEAN, STD, 0.9, "center"),
     InputSpec((3, 224, 224), "nearest", MEAN, STD, 0.875, "center"),
+    InputSpec((3, 224, 224), "box", MEAN, STD, 0.875, "center"),
+    InputSpec((3, 224, 224), "hamming", MEAN, STD, 0.875, "center"),
 ]
-# Both sides resized, one side only (256 is 224 / 0.875), none, and odd shapes.
+# Both sides resized, one side only (256 is 224 / 0.875), none, and odd shapes; portrait ones,
+# whose horizontal pass runs on a strip of the rows, large ones (a phone's 1080x1920), and ones
+# over twice as tall as wide (a phone's screenshot), which Pillow 13 resizes vertically first.
 SIZES = [
     (500, 375),
     (375, 500),
@@ -33,6 +38,11 @@ SIZES = [
     (301, 256),
     (256, 256),
     (1200, 900),
+    (300, 1200),
+    (1080, 1920),
+    (2000, 1499),
+    (1080, 2340),
+    (257, 600),
 ]
 
 
@@ -70,3 +80,76 @@ def test_any_other_transform_is_left_to_timm(
     input_size: tuple[int, int, int], interpolation: str, crop_pct: float, crop_mode: str
 ) -> None:
     assert plain_stages(input_size, interpolation, crop_pct, crop_mode) is None
+
+
+def test_large_photos_skip_the_strip_and_keep_timms_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a strip limit that every image here passes (as a 12-megapixel photo's does)
+    monkeypatch.setattr(pil_resize, "_MAX_STRIP_BYTES", 0)
+    for spec in (SPECS[0], SPECS[5]):
+        ours = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+        timms = pil_stages(spec)
+        assert ours is not None
+        for seed, (width, height) in enumerate(SIZES):
+            image = Image.fromarray(photo_array(width, height, seed))
+
+            # WHEN each is resized and cropped with the passes on whole images
+            got = np.asarray(ours(image))
+
+            # THEN the pixels are timm's still
+            assert np.array_equal(got, np.asarray(timms(image))), (width, height)
+
+
+@pytest.mark.skipif(pil_resize._VERTICAL_FIRST is None, reason="this Pillow resizes in one call")
+def test_the_passes_run_in_pillows_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN the installed Pillow's order of passes, turned around
+    rule = pil_resize._VERTICAL_FIRST
+    assert rule is not None
+    monkeypatch.setattr(pil_resize, "_VERTICAL_FIRST", lambda *shape: not rule(*shape))
+    spec = SPECS[0]
+    ours = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+    timms = pil_stages(spec)
+    assert ours is not None
+
+    # WHEN every shape is resized and cropped in the wrong order
+    differs = []
+    for seed, (width, height) in enumerate(SIZES):
+        image = Image.fromarray(photo_array(width, height, seed))
+        if not np.array_equal(np.asarray(ours(image)), np.asarray(timms(image))):
+            differs.append((width, height))
+
+    # THEN some pixels differ: the order is part of the result, and the shapes above tell
+    assert differs
+
+
+def test_an_unknown_pillow_gets_the_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GIVEN a Pillow release whose order of passes this module does not know
+    assert pil_resize._vertical_first_rule("14.0.0") is None
+    assert pil_resize._vertical_first_rule("12.2.0") is None
+    assert pil_resize._vertical_first_rule("13.1.0") is None
+    assert pil_resize._vertical_first_rule("13.0.0.dev0") is not None
+    monkeypatch.setattr(pil_resize, "_VERTICAL_FIRST", None)
+    spec = SPECS[0]
+    ours = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+    timms = pil_stages(spec)
+    assert ours is not None
+    for seed, (width, height) in enumerate(SIZES):
+        image = Image.fromarray(photo_array(width, height, seed))
+
+        # WHEN it resizes and crops
+        got = np.asarray(ours(image))
+
+        # THEN the pixels are timm's still (one resize call, then the crop)
+        assert np.array_equal(got, np.asarray(timms(image))), (width, height)
+
+
+def test_pillows_rules_by_release() -> None:
+    # Pillow 13: vertical first when the height shrinks by over twice the width's pixels.
+    rule_13 = pil_resize._vertical_first_rule("13.0.0")
+    assert rule_13 is not None
+    assert rule_13(300, 1200, 256, 1024)  # 176 rows less against 44 columns
+    assert not rule_13(300, 600, 256, 512)  # 88 against 44: not over twice
+    assert not rule_13(200, 1200, 256, 1536)  # the height grows
+    # Before 12.2: horizontal first, always.
+    rule_11 = pil_resize._vertical_first_rule("11.2.1")
+    assert rule_11 is not None
+    assert not rule_11(300, 1200, 256, 1024)
