@@ -24,10 +24,11 @@ the decoded tensor with flips and transposes, for both backends: torchvision ign
 
 The resize and crop are timm's own eval stages (:func:`~consumer.preprocess.pil_stages`) applied
 to float32 tensors, one call per distinct decoded size (images of one size are stacked), each
-resize in Pillow's order (horizontal pass, rounded to 8 bits, then vertical), then rounded to
-uint8. Float32 on every device, so the same code on ``device="cpu"`` measures the tolerance on a
-machine without a GPU: with libjpeg-turbo (Pillow's decoder) the pixels equal the exact path's but
-for about 1% or fewer one level apart. What remains is nvJPEG's IDCT and chroma upsampling:
+resize in Pillow's order (one pass per side, each rounded to 8 bits: horizontal first, but
+vertical first where Pillow 13 takes it so), then rounded to uint8. Float32 on every device, so
+the same code on ``device="cpu"`` measures the tolerance on a machine without a GPU: with
+libjpeg-turbo (Pillow's decoder) the pixels equal the exact path's but for about 1% or fewer one
+level apart. What remains is nvJPEG's IDCT and chroma upsampling:
 features within a relative L2 error of 0.01 and a cosine similarity of at least 0.9999 (tested).
 
 Backends. ``nvimgcodec`` (``pip install 'serverless-bottleneck[gpu]'``) is the default where it is
@@ -55,6 +56,7 @@ from PIL import Image
 
 from consumer.decode import DecodeLimits, open_checked
 from consumer.errors import ConfigError, Failure, classify
+from consumer.pil_resize import pillow_resizes_vertically_first
 from consumer.preprocess import ImagePreparer, InputSpec, pil_stages
 
 log = logging.getLogger(__name__)
@@ -291,23 +293,28 @@ def tensor_stages(spec: InputSpec) -> list[Stage]:
 
 
 def pillow_order(resize: Any, mode: Any) -> Stage:
-    """A timm resize stage done as Pillow's resampler does it: the horizontal pass, rounded to
-    8 bits, then the vertical pass, rounded; a pass is skipped where that side keeps its size.
+    """A timm resize stage done as Pillow's resampler does it: one pass per side, each rounded
+    to 8 bits, in the order the installed Pillow takes (horizontal first but where Pillow 13
+    takes the vertical first: images over twice as tall as wide); a pass is skipped where that
+    side keeps its size.
 
     One 2-D resize in float rounds once and leaves 13-20% of the pixels one level from Pillow's;
-    these two passes leave about 1% or fewer (often none). The output size is the stage's own,
-    found on a meta tensor (no pixels).
+    these two passes leave about 1% or fewer (often none); the two in the other order, 10-20%.
+    The output size is the stage's own, found on a meta tensor (no pixels).
     """
     from torchvision.transforms import functional
 
     def resize_like_pillow(pixels: torch.Tensor) -> torch.Tensor:
         height, width = resize(torch.empty(pixels.shape[-3:], device="meta")).shape[-2:]
-        if width != pixels.shape[-1]:
-            pixels = functional.resize(pixels, [pixels.shape[-2], width], mode, antialias=True)
-            pixels = pixels.round_().clamp_(0, 255)
-        if height != pixels.shape[-2]:
-            pixels = functional.resize(pixels, [height, width], mode, antialias=True)
-            pixels = pixels.round_().clamp_(0, 255)
+        in_height, in_width = pixels.shape[-2:]
+        if pillow_resizes_vertically_first(in_width, in_height, width, height):
+            sides = [[height, in_width], [height, width]]
+        else:
+            sides = [[in_height, width], [height, width]]
+        for side in sides:
+            if side != list(pixels.shape[-2:]):
+                pixels = functional.resize(pixels, side, mode, antialias=True)
+                pixels = pixels.round_().clamp_(0, 255)
         return pixels
 
     return resize_like_pillow

@@ -67,6 +67,14 @@ def _vertical_first_rule(version: str) -> Callable[[int, int, int, int], bool] |
 _VERTICAL_FIRST = _vertical_first_rule(PIL.__version__)
 
 
+def pillow_resizes_vertically_first(
+    width: int, height: int, out_width: int, out_height: int
+) -> bool:
+    """Whether the installed Pillow resizes ``width`` x ``height`` to the output size vertical
+    pass first (False where its rule is not known: horizontal first, as Pillow long did)."""
+    return _VERTICAL_FIRST is not None and _VERTICAL_FIRST(width, height, out_width, out_height)
+
+
 @dataclass(frozen=True, slots=True)
 class ResizeCrop:
     """Resize the shorter side to ``short`` with ``resample``, then crop ``height`` x ``width``.

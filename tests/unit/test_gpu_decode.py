@@ -86,6 +86,7 @@ def _varied_jpegs() -> dict[str, bytes]:
         "portrait 375x500": photo_jpeg(375, 500, seed=2),
         "odd 333x251": _photo(333, 251, seed=3, quality=85),
         "large 2000x1500": photo_jpeg(2000, 1500, seed=4),
+        "tall 300x700 (a screenshot's shape)": photo_jpeg(300, 700, seed=12),
         "small 97x61 (upscaled)": _photo(97, 61, seed=5),
         "4:4:4 q95": _photo(480, 320, seed=6, quality=95, subsampling=0),
         "4:2:0 q60": _photo(480, 320, seed=7, quality=60, subsampling=2),
