@@ -17,7 +17,9 @@ stdin closes.
 Both servers also get :func:`lighten_receive`: moto 5.2's ReceiveMessage rebuilt the queue's
 whole attribute map, three scans of every message in the queue, for each message it returned, so
 its CPU grew with the queue's length; a benchmark that queues a thousand messages first spent
-most of the moto server's CPU there, on the two cores the consumer being measured runs on.
+most of the moto server's CPU there, on the two cores the consumer being measured runs on. And
+both take each message once per receive (:mod:`consumer.embedded_moto`): moto's two receives at
+once could return the same message, which the consumer takes for a redelivery.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from consumer.embedded_moto import receive_each_message_once
 
 App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 # Headers the handler sets itself: the body is whole, its length known, the connection kept.
@@ -159,10 +163,12 @@ def lighten_receive() -> None:
 
 def serve(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """moto's application on a threaded keep-alive server (not yet serving), its receives
-    lightened (:func:`lighten_receive`)."""
+    lightened (:func:`lighten_receive`) and taking each message once
+    (:mod:`consumer.embedded_moto`)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     lighten_receive()
+    receive_each_message_once()
     app = DomainDispatcherApplication(create_backend_app)
 
     class MotoHandler(KeepAliveHandler):
@@ -179,8 +185,10 @@ _MOTO_SCRIPT = """
 import logging, sys
 from moto.server import ThreadedMotoServer
 from benchmarks.moto_keepalive import lighten_receive
+from consumer.embedded_moto import receive_each_message_once
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 lighten_receive()
+receive_each_message_once()
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
 print(server.get_host_and_port()[1], flush=True)

@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from moto.server import ThreadedMotoServer
 
+    from consumer.embedded_moto import receive_each_message_once
+
+    receive_each_message_once()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     saved = dict(os.environ)

@@ -21,6 +21,15 @@ for _name in [n for n in os.environ if n.startswith("AWS_ENDPOINT_URL")]:
 REGION = "us-east-1"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _moto_receives_each_message_once() -> None:
+    """Every moto in the test process (in-process mocks and servers) takes each SQS message
+    once per receive, as SQS all but always does; tests that need a duplicate inject it."""
+    from consumer.embedded_moto import receive_each_message_once
+
+    receive_each_message_once()
+
+
 @pytest.fixture
 def aws() -> Iterator[None]:
     """moto in-process for S3, SQS and Batch (Batch jobs are recorded, never run)."""

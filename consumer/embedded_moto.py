@@ -1,0 +1,50 @@
+"""moto as the embedded AWS of the demo, the benchmarks and the tests: one fix to how it receives.
+
+moto 5.2's SQS ReceiveMessage checks that a message is visible and then marks it received, two
+steps with no lock between them. Two receives at once (the consumer runs eight long polls) can
+both pass the check on a loaded machine and both return the message, the second with a receive
+count of 2. The consumer rightly takes that for a redelivery, runs the message alone and receives
+one message at a time for a while (:mod:`consumer.quarantine`): a test waiting for a batch of 48
+waited forever, and a benchmark measured batches of 16. SQS can deliver a message twice too, but
+rarely; the tests that need it inject it. Here receives take their messages one at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+_RECEIVING = threading.Lock()
+
+
+def receive_each_message_once() -> None:
+    """Make moto's ReceiveMessage check and mark messages under one lock, for the process.
+
+    A long poll with nothing to take waits for messages without the lock, as on SQS, so polls
+    still wait side by side. Idempotent.
+    """
+    from moto.sqs.models import Queue, SQSBackend
+
+    if getattr(SQSBackend.receive_message, "takes_each_message_once", False):
+        return
+    receive = SQSBackend.receive_message
+    wait = Queue.wait_for_messages
+
+    @functools.wraps(receive)
+    def receive_message(self: SQSBackend, *args: Any, **kwargs: Any) -> Any:
+        with _RECEIVING:
+            return receive(self, *args, **kwargs)
+
+    @functools.wraps(wait)
+    def wait_for_messages(self: Queue, timeout: int) -> None:
+        # Called only from receive_message, with the lock held: free it while nothing comes.
+        _RECEIVING.release()
+        try:
+            wait(self, timeout)
+        finally:
+            _RECEIVING.acquire()
+
+    receive_message.takes_each_message_once = True  # type: ignore[attr-defined]
+    SQSBackend.receive_message = receive_message  # type: ignore[method-assign]
+    Queue.wait_for_messages = wait_for_messages  # type: ignore[method-assign]
