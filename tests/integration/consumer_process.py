@@ -17,6 +17,21 @@ from consumer.quarantine import MARKERS
 CONSUMER = str(Path(sys.executable).with_name("bottleneck-consumer"))
 REGION = "us-east-1"
 
+# Every consumer a test started, so that one left running by a failed assertion is stopped with
+# its test (tests/integration/conftest.py): left alone it retried its vanished server for
+# minutes, and could have found a later test's moto server on the same port and taken its work.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_leftovers() -> int:
+    """Kill the consumers started since the last call that still run; how many there were."""
+    running = [process for process in STARTED if process.poll() is None]
+    for process in running:
+        process.kill()
+        process.wait(timeout=30)
+    STARTED.clear()
+    return len(running)
+
 
 def aws_env(endpoint: str) -> dict[str, str]:
     """The environment of a consumer talking to ``endpoint`` only (never a real account)."""
@@ -106,4 +121,6 @@ class Endpoint:
             *extra,
         ]
         sink = log.open("ab") if log is not None else subprocess.DEVNULL
-        return subprocess.Popen(argv, env=aws_env(self.url), stdout=sink, stderr=sink)
+        process = subprocess.Popen(argv, env=aws_env(self.url), stdout=sink, stderr=sink)
+        STARTED.append(process)
+        return process
