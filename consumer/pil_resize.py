@@ -114,14 +114,7 @@ class ResizeCrop:
         self, image: Image.Image, size: tuple[int, int], top: int, left: int
     ) -> Image.Image:
         w, h = image.size
-        support = _SUPPORT[self.resample]
-        first, last = (
-            _inputs_read(h, size[1], top, self.height, support)
-            if size[1] != h
-            else (top, top + self.height)
-        )
-        if (last - first) * w * 4 > _MAX_STRIP_BYTES:
-            first, last = 0, h
+        first, last = self._strip(h, size[1], top, self.height, across=w)
         if size[0] != w:
             if (first, last) != (0, h):
                 image = image.crop((0, first, w, last))
@@ -139,14 +132,7 @@ class ResizeCrop:
         self, image: Image.Image, size: tuple[int, int], top: int, left: int
     ) -> Image.Image:
         w, h = image.size  # the height shrinks: Pillow's rule says so
-        support = _SUPPORT[self.resample]
-        first, last = (
-            _inputs_read(w, size[0], left, self.width, support)
-            if size[0] != w
-            else (left, left + self.width)
-        )
-        if (last - first) * h * 4 > _MAX_STRIP_BYTES:
-            first, last = 0, w
+        first, last = self._strip(w, size[0], left, self.width, across=h)
         if (first, last) != (0, w):
             image = image.crop((first, 0, last, h))
         image = image.resize((last - first, size[1]), self.resample)
@@ -155,6 +141,20 @@ class ResizeCrop:
         if size[0] != w:
             image = image.resize((size[0], self.height), self.resample)
         return image.crop((left, 0, left + self.width, self.height))
+
+    def _strip(
+        self, in_size: int, out_size: int, first: int, count: int, *, across: int
+    ) -> tuple[int, int]:
+        """The input rows (or columns) ``[start, stop)`` that the second pass reads for its kept
+        outputs ``first`` to ``first + count - 1``; all ``in_size`` of them where the strip,
+        ``across`` pixels long, would cost more to copy out than it saves."""
+        if out_size == in_size:  # that side keeps its size: the kept outputs are the inputs
+            start, stop = first, first + count
+        else:
+            start, stop = _inputs_read(in_size, out_size, first, count, _SUPPORT[self.resample])
+        if (stop - start) * across * 4 > _MAX_STRIP_BYTES:  # Pillow stores RGB in 4 bytes
+            return 0, in_size
+        return start, stop
 
 
 def _inputs_read(
