@@ -60,7 +60,10 @@ def test_cpu_set_runs_every_row_and_writes_json_and_table(
     # per-image files pay a PUT per image ($5 per million); shards nearly none
     assert costs[("files", "g6.2xlarge")]["s3"] > 5.0 > 1.0 > costs[("shards", "g6.2xlarge")]["s3"]
     assert feed["gil_method"] in {"py-spy", "probe"}
-    assert 0 < feed["gil_on_cpu_ms_per_image"] <= feed["gil_ms_per_image"]
+    # Sixty images are about a second of feed: py-spy sees the GIL held a few times, and on a
+    # loaded machine (the suite's three workers) at times never (one run: 1 sample, in a
+    # benchmark thread, so 0.0 ms), so only the order of the two figures is certain here.
+    assert 0 <= feed["gil_on_cpu_ms_per_image"] <= feed["gil_ms_per_image"]
     assert [r["instance"] for r in feed["ceilings"]["rows"]] == [i.name for i in INSTANCES]
     assert 0.8 <= feed["requests_per_image"]["PutObject"] < 1.3
 
