@@ -16,13 +16,18 @@ import threading
 from typing import Any
 
 _RECEIVING = threading.Lock()
+# How deep this thread is in moto's receive: moto receives from within a receive when a message
+# it moves to a dead-letter queue meets that queue's Lambda mapping, and the lock is not
+# re-entrant.
+_DEPTH = threading.local()
 
 
 def receive_each_message_once() -> None:
     """Make moto's ReceiveMessage check and mark messages under one lock, for the process.
 
     A long poll with nothing to take waits for messages without the lock, as on SQS, so polls
-    still wait side by side. Idempotent.
+    still wait side by side. A receive moto makes from within one runs under the lock its caller
+    holds. Idempotent.
     """
     from moto.sqs.models import Queue, SQSBackend
 
@@ -33,12 +38,27 @@ def receive_each_message_once() -> None:
 
     @functools.wraps(receive)
     def receive_message(self: SQSBackend, *args: Any, **kwargs: Any) -> Any:
+        depth = getattr(_DEPTH, "value", 0)
+        if depth:  # moto receiving from within a receive: this thread holds the lock already
+            _DEPTH.value = depth + 1
+            try:
+                return receive(self, *args, **kwargs)
+            finally:
+                _DEPTH.value = depth
         with _RECEIVING:
-            return receive(self, *args, **kwargs)
+            _DEPTH.value = 1
+            try:
+                return receive(self, *args, **kwargs)
+            finally:
+                _DEPTH.value = 0
 
     @functools.wraps(wait)
     def wait_for_messages(self: Queue, timeout: int) -> None:
-        # Called only from receive_message, with the lock held: free it while nothing comes.
+        # Called only from receive_message, with the lock held: free it while nothing comes,
+        # unless a receive further out is in the middle of its own scan.
+        if getattr(_DEPTH, "value", 0) != 1:
+            wait(self, timeout)
+            return
         _RECEIVING.release()
         try:
             wait(self, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -93,3 +94,43 @@ def test_a_long_poll_waits_without_holding_other_receives_back(aws: None) -> Non
     sqs.send_message(QueueUrl=empty, MessageBody="later")
     poller.join(timeout=10)
     assert not poller.is_alive() and got == ["later"]
+
+
+def test_a_receive_moto_makes_from_within_a_receive_does_not_deadlock(aws: None) -> None:
+    from moto.sqs.models import sqs_backends
+
+    # GIVEN a message one receive from its dead-letter queue, and moto receiving from within
+    # that receive as it moves it (what a Lambda mapping on the dead-letter queue makes it do)
+    receive_each_message_once()
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    dlq = sqs.create_queue(QueueName="dlq")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]
+    redrive = {"deadLetterTargetArn": arn["QueueArn"], "maxReceiveCount": "1"}
+    queue_url = sqs.create_queue(
+        QueueName="work",
+        Attributes={"RedrivePolicy": json.dumps(redrive), "VisibilityTimeout": "0"},
+    )["QueueUrl"]
+    sqs.send_message(QueueUrl=queue_url, MessageBody="poison")
+    assert len(sqs.receive_message(QueueUrl=queue_url)["Messages"]) == 1
+    backend = sqs_backends["123456789012"]["us-east-1"]
+    dead_letters = backend.get_queue("dlq")
+    add = dead_letters.add_message
+    nested: list[int] = []
+
+    def add_and_receive(message: Any) -> None:
+        add(message)
+        nested.append(len(backend.receive_message("dlq", 1, 0, 0)))
+
+    dead_letters.add_message = add_and_receive  # type: ignore[method-assign]
+
+    # WHEN the next receive moves the message to the dead-letter queue
+    done: list[int] = []
+    thread = threading.Thread(
+        target=lambda: done.append(len(backend.receive_message("work", 1, 0, 0))), daemon=True
+    )
+    thread.start()
+    thread.join(timeout=10)
+
+    # THEN both receives finished: the inner one took the dead letter, the outer nothing
+    assert not thread.is_alive(), "the nested receive deadlocked on the lock"
+    assert nested == [1] and done == [0]
