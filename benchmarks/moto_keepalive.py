@@ -161,14 +161,19 @@ def lighten_receive() -> None:
     )
 
 
-def serve(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """moto's application on a threaded keep-alive server (not yet serving), its receives
-    lightened (:func:`lighten_receive`) and taking each message once
-    (:mod:`consumer.embedded_moto`)."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-
+def patch_moto() -> None:
+    """What both benchmark servers do to moto: receives lightened (:func:`lighten_receive`) and
+    taking each message once (:mod:`consumer.embedded_moto`). Idempotent, for the process."""
     lighten_receive()
     receive_each_message_once()
+
+
+def serve(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """moto's application on a threaded keep-alive server (not yet serving), patched
+    (:func:`patch_moto`)."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+    patch_moto()
     app = DomainDispatcherApplication(create_backend_app)
 
     class MotoHandler(KeepAliveHandler):
@@ -184,11 +189,9 @@ def serve(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
 _MOTO_SCRIPT = """
 import logging, sys
 from moto.server import ThreadedMotoServer
-from benchmarks.moto_keepalive import lighten_receive
-from consumer.embedded_moto import receive_each_message_once
+from benchmarks.moto_keepalive import patch_moto
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
-lighten_receive()
-receive_each_message_once()
+patch_moto()
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
 print(server.get_host_and_port()[1], flush=True)
