@@ -325,6 +325,7 @@ def _run_window(
         1000 * sum(s for g, s in on_cpu.items() if g not in BENCH_THREADS) / images, 3
     )
     cpu_ms = result["outside_model_cpu_ms_per_image"]
+    decode_ms = decode_cpu_ms(by_thread)
     result.update(
         {
             "model": FEED_MODEL,
@@ -346,6 +347,8 @@ def _run_window(
             "sqs_client": queue_client_name(runtime.work_queue.sqs),
             "warm_up_images": warm,
             "outside_model_cpu_ms_per_image_by_stage": dict(sorted(by_thread.items())),
+            "decode_cpu_ms_per_image": decode_ms,
+            "outside_model_not_decode_cpu_ms_per_image": round(max(0.0, cpu_ms - decode_ms), 2),
             "gil_ms_per_image": gil_ms,
             "gil_ms_per_image_by_thread": gil_groups,
             "gil_on_cpu_ms_per_image": gil_cpu_ms,
@@ -368,6 +371,46 @@ def _run_window(
         result["requests_per_image"], result["ceilings"]["rows"]
     )
     return result
+
+
+# Where the consumer decodes on the host: its decode processes (the default) or, with
+# --decode-isolation threads, its decode threads.
+DECODE_STAGES = ("child-processes", "decode")
+
+
+def decode_cpu_ms(by_stage: dict[str, float]) -> float:
+    """The decode's share of the CPU per image outside the model (its processes or threads)."""
+    return round(sum(by_stage.get(stage, 0.0) for stage in DECODE_STAGES), 2)
+
+
+def feed_targets(row: dict[str, Any]) -> list[tuple[str, str, float, bool]]:
+    """Issue 11's targets for the feed row: (what, the row's key, at most, whether it applies).
+
+    The CPU targets are for CPU decode (``pil``): with ``cuda`` the GPU decodes and the host's
+    share is another figure. The GIL target is for py-spy's count (the probe reads 1.5 to 1.9
+    times higher, README, "The feed row").
+    """
+    cpu_decode = row.get("decode") == "pil"
+    return [
+        (
+            "feed: GIL held by the model's process, ms per image (py-spy, wall-clock)",
+            "gil_ms_per_image",
+            0.5,
+            row.get("gil_method") == "py-spy",
+        ),
+        (
+            "feed: CPU outside the model, ms per 500x375 JPEG (CPU decode)",
+            "outside_model_cpu_ms_per_image",
+            3.0,
+            cpu_decode,
+        ),
+        (
+            "feed: CPU outside the model and the decode, ms per image",
+            "outside_model_not_decode_cpu_ms_per_image",
+            1.0,
+            cpu_decode,
+        ),
+    ]
 
 
 def relative_cpu(cpu_ms: float, moto_ms: float) -> float | None:
@@ -399,6 +442,8 @@ def format_feed(row: dict[str, Any]) -> str:
         f" after {row['warm_up_images']} warm-up, SQS+S3 on moto",
         f"feed: {row['images_per_s']} images/s (wall-clock); CPU outside the model "
         f"{row['outside_model_cpu_ms_per_image']} ms/image (CPU time): {stages}",
+        f"feed: of which decode {row['decode_cpu_ms_per_image']} ms/image, everything else "
+        f"{row['outside_model_not_decode_cpu_ms_per_image']}",
         f"feed: GIL held {row['gil_ms_per_image']} ms/image by this process ({row['gil_method']},"
         f" wall-clock{sampling_error(row)}){': ' + gil if gil else ''}",
         f"feed: GIL held while running on a CPU {row['gil_on_cpu_ms_per_image']} ms/image "

@@ -47,9 +47,15 @@ def test_cpu_set_runs_every_row_and_writes_json_and_table(
     # (decode runs in the decode processes, handed over by the fetch threads that fetched the
     # images; the S3 work in the fetch and write threads and obstore's native threads;
     # per-thread CPU is read in nanoseconds)
-    stages = set(feed["outside_model_cpu_ms_per_image_by_stage"])
+    stages_ms = feed["outside_model_cpu_ms_per_image_by_stage"]
+    stages = set(stages_ms)
     assert {"child-processes", "fetch", "write", "receive"} <= stages
     assert "decode" not in stages
+    # (the decode's share is its processes', and the rest is everything else outside the model)
+    assert feed["decode_cpu_ms_per_image"] == stages_ms["child-processes"] > 0
+    assert feed["outside_model_not_decode_cpu_ms_per_image"] == pytest.approx(
+        feed["outside_model_cpu_ms_per_image"] - feed["decode_cpu_ms_per_image"], abs=0.011
+    )
     assert feed["layout"] == "files" and feed["machine_reference_ms"] > 0
     assert feed["outside_model_cpu_per_moto_cpu"] > 0
     assert feed["s3_client"] in {"obstore", "boto3"}

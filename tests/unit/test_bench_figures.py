@@ -21,7 +21,14 @@ from benchmarks.accounting import (
     python_threads,
 )
 from benchmarks.costs import cost_table, image_cost, layout_requests, unpriced
-from benchmarks.feed import INSTANCES, ceilings, feed_argv, relative_cpu, sampling_error
+from benchmarks.feed import (
+    INSTANCES,
+    ceilings,
+    decode_cpu_ms,
+    feed_argv,
+    relative_cpu,
+    sampling_error,
+)
 from benchmarks.gil import on_cpu_seconds, parse_raw
 
 RAW = """\
@@ -248,6 +255,65 @@ def test_the_consumers_cpu_is_also_given_over_the_moto_servers() -> None:
     # a window in which the moto server was not measured gives no ratio rather than infinity
     assert relative_cpu(3.3, 27.5) == pytest.approx(0.12)
     assert relative_cpu(3.3, 0.0) is None
+
+
+def test_the_decode_share_is_its_processes_or_its_threads() -> None:
+    # decode processes (the default) or --decode-isolation threads; the other stages are not
+    assert decode_cpu_ms({"child-processes": 1.9, "fetch": 0.3, "write": 0.2}) == 1.9
+    assert decode_cpu_ms({"decode": 2.1, "fetch": 0.3}) == 2.1
+    assert decode_cpu_ms({"fetch": 0.3, "infer (outside the forward)": 0.9}) == 0.0
+
+
+def _feed_row(**figures: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "row": "feed",
+        "decode": "pil",
+        "gil_method": "py-spy",
+        "gil_ms_per_image": 0.31,
+        "outside_model_cpu_ms_per_image": 2.6,
+        "outside_model_not_decode_cpu_ms_per_image": 0.73,
+    }
+    return {**row, **figures}
+
+
+def test_the_feed_rows_figures_are_judged_against_issue_11s_targets() -> None:
+    # WHEN only the feed row ran (no main model: its rows' targets are not listed)
+    met = throughput.evaluate_targets({"feed": _feed_row()}, {})
+    missed = throughput.evaluate_targets(
+        {
+            "feed": _feed_row(
+                gil_ms_per_image=0.53,
+                outside_model_cpu_ms_per_image=3.22,
+                outside_model_not_decode_cpu_ms_per_image=1.07,
+            )
+        },
+        {},
+    )
+
+    # THEN each of the three figures meets its target, or misses it, at its own threshold
+    assert [(t["issue"], t["threshold"], t["met"], t["applies"]) for t in met] == [
+        (11, "<= 0.5", True, True),
+        (11, "<= 3.0", True, True),
+        (11, "<= 1.0", True, True),
+    ]
+    assert [t["value"] for t in missed] == [0.53, 3.22, 1.07]
+    assert [t["met"] for t in missed] == [False, False, False]
+    # AND the line says which issue set it and the verdict
+    printed = throughput.format_details({"rows": [], "decode_only": None, "targets": missed})
+    assert "  feed: CPU outside the model, ms per 500x375 JPEG (CPU decode) (issue 11): 3.22" in (
+        printed
+    )
+    assert printed.count("MISSED") == 3
+
+
+def test_the_feed_targets_apply_to_cpu_decode_and_py_spys_count_only() -> None:
+    # GPU decode: the host's CPU is another figure; the probe's GIL count reads higher
+    on_gpu = throughput.evaluate_targets({"feed": _feed_row(decode="cuda")}, {})
+    probed = throughput.evaluate_targets({"feed": _feed_row(gil_method="probe")}, {})
+    assert [t["applies"] for t in on_gpu] == [True, False, False]
+    assert [t["applies"] for t in probed] == [False, True, True]
+    # AND without the feed row there is nothing of issue 11's to judge
+    assert throughput.evaluate_targets({}, {}) == []
 
 
 def test_the_rows_against_moto_keep_a_moto_sized_concurrency_unless_told() -> None:
