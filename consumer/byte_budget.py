@@ -40,19 +40,24 @@ class ByteBudget:
         self.capacity = capacity
         self._held = 0
         self._closed = False
-        self._cond = threading.Condition(threading.Lock())
-        self._line: deque[object] = deque()  # waiting takers, first come first served
+        self._lock = threading.Lock()
+        # Waiting takers, first come first served, each on its own condition of the one lock:
+        # only the head of the line can go on, so only the head is woken (by a give, or by the
+        # one before it leaving). One condition for all woke every waiter on every give: with
+        # the 128 fetch threads waiting, 1.8 to 2.6 ms of CPU per give, in as many wake-ups each
+        # taking the lock and the GIL, for one image to go on.
+        self._line: deque[threading.Condition] = deque()
         self._waited = False
 
     @property
     def held(self) -> int:
-        with self._cond:
+        with self._lock:
             return self._held
 
     def take(self, size: int) -> bool:
         """Wait until ``size`` bytes fit (or nothing is held), then hold them. ``False``, holding
         nothing, once the budget is closed."""
-        with self._cond:
+        with self._lock:
             if self._closed:
                 return False
             if not self._line and self._fits(size):  # the common case: no wait, no ticket
@@ -64,11 +69,11 @@ class ByteBudget:
                     "the encoded images held reached their budget; fetches now wait for decodes",
                     extra={"fields": {"budget_mib": self.capacity >> 20, "held": self._held}},
                 )
-            ticket = object()
+            ticket = threading.Condition(self._lock)
             self._line.append(ticket)
             try:
                 while not self._closed and not (self._line[0] is ticket and self._fits(size)):
-                    self._cond.wait()
+                    ticket.wait()
                 if self._closed:
                     return False
                 self._held += size
@@ -76,28 +81,33 @@ class ByteBudget:
             finally:
                 self._line.remove(ticket)
                 # The next in line may fit too (several small images after a large one left).
-                self._cond.notify_all()
+                self._wake_head()
 
     def try_take(self, size: int) -> bool:
         """Hold ``size`` bytes only if they fit now with no one waiting (the line keeps its
         order); ``False``, holding nothing, otherwise or once closed."""
-        with self._cond:
+        with self._lock:
             if self._closed or self._line or not self._fits(size):
                 return False
             self._held += size
             return True
 
     def give(self, size: int) -> None:
-        with self._cond:
+        with self._lock:
             self._held -= size
-            if self._line:
-                self._cond.notify_all()
+            self._wake_head()
 
     def close(self) -> None:
         """Wake every waiting taker with ``False``; later takes return ``False`` too."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            for ticket in self._line:
+                ticket.notify()
+
+    def _wake_head(self) -> None:
+        # Called holding the lock.
+        if self._line:
+            self._line[0].notify()
 
     def _fits(self, size: int) -> bool:
         return self._held == 0 or self._held + size <= self.capacity

@@ -3,11 +3,14 @@ wakes every waiter empty-handed."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
+from consumer import byte_budget
 from consumer.byte_budget import ByteBudget
 
 
@@ -25,7 +28,7 @@ def wait_for(condition: object, timeout: float = 10.0) -> None:
 
 
 def waiting(budget: ByteBudget) -> int:
-    with budget._cond:
+    with budget._lock:
         return len(budget._line)
 
 
@@ -129,6 +132,45 @@ def test_a_try_take_holds_only_what_fits_now_and_never_jumps_the_line() -> None:
     assert (fits, spent, behind) == (True, False, False)
     assert budget.held == 90
     assert budget.try_take(1) is False
+
+
+def test_a_give_wakes_the_head_of_the_line_not_every_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN a spent budget with ten takes of its whole size waiting, its conditions counting
+    # how often their waits return (only those the budget makes: threads wait on others)
+    wakes: list[int] = []
+
+    class Counted(threading.Condition):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.counted = sys._getframe(1).f_globals["__name__"] == byte_budget.__name__
+
+        def wait(self, timeout: float | None = None) -> bool:
+            woken = super().wait(timeout)
+            if self.counted:
+                wakes.append(1)
+            return woken
+
+    monkeypatch.setattr(byte_budget.threading, "Condition", Counted)
+    budget = ByteBudget(100)
+    assert budget.take(100)
+    got: list[tuple[int, bool]] = []
+    threads = [taker(budget, 100, got) for _ in range(10)]
+    wait_for(lambda: waiting(budget) == 10)
+
+    # WHEN the bytes come back: one of the ten can go on
+    budget.give(100)
+    wait_for(lambda: got == [(100, True)] and waiting(budget) == 9)
+    time.sleep(0.2)  # any other waiter woken would count by now
+
+    # THEN two waits returned: the head's, which took the bytes, and the next one's, which
+    # found they do not fit and waits on (one condition for all woke all ten, then nine more)
+    assert len(wakes) == 2
+    budget.close()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(got) == [(100, False)] * 9 + [(100, True)]
 
 
 def test_a_budget_needs_at_least_one_byte() -> None:
