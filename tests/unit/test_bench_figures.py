@@ -262,6 +262,8 @@ def test_the_decode_share_is_its_processes_or_its_threads() -> None:
     assert decode_cpu_ms({"child-processes": 1.9, "fetch": 0.3, "write": 0.2}) == 1.9
     assert decode_cpu_ms({"decode": 2.1, "fetch": 0.3}) == 2.1
     assert decode_cpu_ms({"fetch": 0.3, "infer (outside the forward)": 0.9}) == 0.0
+    # (--decode cuda: what the device refuses is decoded on the host-decode threads)
+    assert decode_cpu_ms({"host-decode": 0.2, "infer (outside the forward)": 0.9}) == 0.2
 
 
 def _feed_row(**figures: object) -> dict[str, object]:
@@ -307,10 +309,13 @@ def test_the_feed_rows_figures_are_judged_against_issue_11s_targets() -> None:
 
 
 def test_the_feed_targets_apply_to_cpu_decode_and_py_spys_count_only() -> None:
-    # GPU decode: the host's CPU is another figure; the probe's GIL count reads higher
+    # GPU decode: the host's CPU is another figure; the draft decodes less than the exact path
+    # (only the stages around the decode compare); the probe's GIL count reads higher
     on_gpu = throughput.evaluate_targets({"feed": _feed_row(decode="cuda")}, {})
+    draft = throughput.evaluate_targets({"feed": _feed_row(decode="pil-draft")}, {})
     probed = throughput.evaluate_targets({"feed": _feed_row(gil_method="probe")}, {})
     assert [t["applies"] for t in on_gpu] == [True, False, False]
+    assert [t["applies"] for t in draft] == [True, False, True]
     assert [t["applies"] for t in probed] == [False, True, True]
     # AND without the feed row there is nothing of issue 11's to judge
     assert throughput.evaluate_targets({}, {}) == []

@@ -161,7 +161,7 @@ def test_a_give_wakes_the_head_of_the_line_not_every_waiter(
 
     # WHEN the bytes come back: one of the ten can go on
     budget.give(100)
-    wait_for(lambda: got == [(100, True)] and waiting(budget) == 9)
+    wait_for(lambda: got == [(100, True)] and waiting(budget) == 9 and len(wakes) >= 2)
     time.sleep(0.2)  # any other waiter woken would count by now
 
     # THEN two waits returned: the head's, which took the bytes, and the next one's, which
