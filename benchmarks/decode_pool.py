@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from consumer.decode import DecodeLimits
+from consumer.decode_pool import keep_freed_memory
 from consumer.preprocess import ImagePreparer, InputSpec
 
 _PREPARER: ImagePreparer | None = None
@@ -20,6 +21,7 @@ _PREPARER: ImagePreparer | None = None
 
 def _init_child(spec: InputSpec, limits: DecodeLimits, draft: bool) -> None:
     global _PREPARER
+    keep_freed_memory()  # as the consumer's decode processes do
     _PREPARER = ImagePreparer(spec, limits, draft=draft)
 
 
