@@ -109,7 +109,8 @@ def to_uint8_hwc(image: Image.Image, spec: InputSpec) -> np.ndarray:
 class DeviceNormalizer:
     """uint8 NHWC batch on the device to the model's normalised float NCHW input.
 
-    The NHWC buffer permuted to NCHW *is* channels_last memory: no copy is made. The arithmetic
+    The NHWC buffer permuted to NCHW *is* channels_last memory: the one copy made, to float32,
+    keeps that layout (or makes the batch contiguous, for a model that runs so). The arithmetic
     mirrors torchvision's ``to_tensor`` (``/255`` in float32) then ``Normalize`` (``-mean``,
     ``/std``) so that results are bit-identical to timm's transform.
     """
@@ -119,11 +120,15 @@ class DeviceNormalizer:
         self.std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     def __call__(self, batch: torch.Tensor, *, channels_last: bool) -> torch.Tensor:
-        x = batch.permute(0, 3, 1, 2)
-        if not channels_last:
-            x = x.contiguous()
-        x = x.to(torch.float32).div(255)
-        return x.sub(self.mean).div(self.std)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        # One float copy in the layout the model takes, then each step in place: the same
+        # operations in the same order, so the same bits, without a fresh batch-sized tensor per
+        # step. On a CPU each of those was allocated (38 MB at 64 x 224 x 224), faulted in page
+        # by page and freed: 1.4 ms of CPU per image against 0.5 in place, measured here.
+        x = batch.permute(0, 3, 1, 2).to(torch.float32, memory_format=layout, copy=True)
+        x.div_(255)
+        x.sub_(self.mean)
+        return x.div_(self.std)
 
 
 Pixels = np.ndarray | torch.Tensor

@@ -14,7 +14,7 @@ from PIL import Image
 
 from consumer.config import Config
 from consumer.decode import DecodeLimits
-from consumer.preprocess import ImagePreparer
+from consumer.preprocess import DeviceNormalizer, ImagePreparer, InputSpec
 from consumer.runtime import build_backbone
 from tests.corpus import photo_jpeg
 
@@ -62,6 +62,28 @@ def _consumer(
 
 def _max_relative(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels-last", "contiguous"])
+def test_the_models_input_is_timms_tensor_bit_for_bit(channels_last: bool) -> None:
+    # GIVEN timm's eval transform, and the consumer's uint8 pixels of the same photos, batched
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    spec = InputSpec.from_model(model)
+    prepare = ImagePreparer(spec, DecodeLimits())
+    images = _images()
+    batch = torch.from_numpy(np.stack([prepare(b) for b in images]))
+    kept = batch.clone()
+    ref = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+
+    # WHEN the device-side normaliser turns the batch into the model's input
+    ours = DeviceNormalizer(spec, torch.device("cpu"))(batch, channels_last=channels_last)
+
+    # THEN it is timm's tensor exactly, in the layout asked for, and the batch is left as it was
+    assert torch.equal(ours, ref)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert ours.is_contiguous(memory_format=layout)
+    assert torch.equal(batch, kept)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224"])
