@@ -446,14 +446,15 @@ def keep_freed_memory() -> bool:
     """Keep what one image frees for the next one instead of handing it back to the kernel.
 
     A child does the same allocations image after image, and in a small heap an image's buffers
-    sit at its top: glibc's malloc gave them back to the kernel on every free (its trim
-    threshold follows the largest buffer freed, and the next image's buffers together pass it)
+    sit at its top: glibc's malloc kept giving them back to the kernel as they were freed (its
+    trim threshold follows the largest buffer freed, and an image's buffers together pass it)
     and took them back as fresh pages, each faulted in and zeroed. Measured here, one child:
     2000x1500 photos, 3,000 page faults and 5.3 ms of system time per image in 16.4 ms of CPU;
     500x375 JPEGs, 180 to 240 faults and 0.35 to 0.55 ms in three children of four. With these
-    settings: none, and no system time to speak of. The cost is memory a child keeps: at most
-    64 MiB free in its heap. False where the C library has no ``mallopt`` (musl, macOS):
-    decoding works the same there, only slower.
+    settings: none, and no system time to speak of. The cost is memory a child keeps: what it
+    has used, less what passes 64 MiB free at the top of its heap. False where the C library's
+    ``mallopt`` refuses these (musl's does nothing) or there is none (macOS): decoding works
+    the same there, only slower.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
