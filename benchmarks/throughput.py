@@ -50,12 +50,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.accounting import CpuMeter, CpuReport, ModelClock, RssSampler
-from benchmarks.decode_pool import DecodePool
 from benchmarks.feed import (
     add_feed_arguments,
     feed_targets,
@@ -64,6 +63,11 @@ from benchmarks.feed import (
     settled_images,
 )
 from benchmarks.moto_keepalive import MotoServer
+
+if TYPE_CHECKING:
+    # Imported where used: it imports torch, and multiprocessing imports this module again in
+    # every child process the consumer starts (its decode processes), which must not carry torch.
+    from benchmarks.decode_pool import DecodePool
 
 ROWS = ("model", "e2e", "compute-threads", "compute-processes", "naive", "feed")
 MAIN_ROWS = ROWS[:-1]
@@ -427,6 +431,8 @@ def measure_compute_path(
     workers: int,
     exclude: Sequence[int],
 ) -> Row:
+    from benchmarks.decode_pool import DecodePool
+
     pool = DecodePool(kind, workers, preparer)
     try:
         pool.warm_up(images.data[0])
@@ -464,6 +470,8 @@ def measure_decode_only(
         out["ms_per_image_one_thread"][f"{size[0]}x{size[1]}"] = round(
             1000 * (time.perf_counter() - started) / repeats, 2
         )
+    from benchmarks.decode_pool import DecodePool
+
     for kind, count in (("threads", 1), *((k, workers) for k in kinds)):
         pool = DecodePool(kind, count, preparer)
         try:

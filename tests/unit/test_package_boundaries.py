@@ -4,6 +4,8 @@ producer, and the producer's Lambda code never imports the operator's tools."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,17 @@ def test_no_module_crosses_its_package_boundary(package: str) -> None:
 def test_the_scan_sees_lazy_imports() -> None:
     # GIVEN the demo, which imports the tools inside a function THEN the scan finds them
     assert "bottleneck_tools" in imported_packages(ROOT / "consumer" / "demo.py")
+
+
+@pytest.mark.parametrize("module", ["consumer.cli", "benchmarks.throughput"])
+def test_a_main_module_that_starts_decode_processes_does_not_import_torch(module: str) -> None:
+    # GIVEN what a main module that starts the consumer imports (bottleneck-consumer's script
+    # imports consumer.cli; make bench runs benchmarks.throughput): multiprocessing imports the
+    # main module again in every decode process (all but a package's __main__, which it skips)
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    # WHEN it is imported alone
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    # THEN torch stays out (a decode process with torch holds about 500 MB more, mostly shared)
+    assert done.stdout.strip() == "False"
