@@ -49,10 +49,10 @@ def test_the_scan_sees_lazy_imports() -> None:
     assert "bottleneck_tools" in imported_packages(ROOT / "consumer" / "demo.py")
 
 
-@pytest.mark.parametrize("module", ["consumer.cli", "benchmarks.throughput"])
+@pytest.mark.parametrize("module", ["consumer.cli", "benchmarks.throughput", "benchmarks.gpu"])
 def test_a_main_module_that_starts_decode_processes_does_not_import_torch(module: str) -> None:
     # GIVEN what a main module that starts the consumer imports (bottleneck-consumer's script
-    # imports consumer.cli; make bench runs benchmarks.throughput): multiprocessing imports the
+    # imports consumer.cli; make bench and bench-gpu run these): multiprocessing imports the
     # main module again in every decode process (all but a package's __main__, which it skips)
     code = f"import sys, {module}; print('torch' in sys.modules)"
     # WHEN it is imported alone
