@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from consumer.decode import DecodeLimits
-from consumer.decode_pool import keep_freed_memory
+from consumer.heap import keep_freed_memory
 from consumer.preprocess import ImagePreparer, InputSpec
 
 _PREPARER: ImagePreparer | None = None

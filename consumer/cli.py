@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from bottleneck_contract import logs
+from consumer import heap
 from consumer.config import Config
 from consumer.errors import ConfigError
 from consumer.stall import EXIT_STALLED
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bottleneck-consumer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log_level)
+    if config.decode_isolation == "threads":
+        # This process decodes: its heap keeps what an image frees for the next, as a decode
+        # process's does (consumer.heap). Early, before the model's allocations start.
+        heap.keep_freed_memory()
     if config.devices == "all":
         import torch
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import importlib
 import logging
 import multiprocessing
@@ -47,6 +46,7 @@ import numpy as np
 # threads: the fork server preloads this module, so every child opens phone photos too.
 from consumer.decode import DecodeLimits
 from consumer.errors import PermanentError, TransientError, classify
+from consumer.heap import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,6 @@ _FRAME = struct.Struct("!i")
 _LONG = struct.Struct("!Q")
 # A reply is a status byte, or a pickled (code, detail, permanent): far below this.
 _REPLY_READ = 65536
-# glibc's mallopt parameters (malloc.h), and the values a child sets: every allocation under
-# 32 MiB (glibc's largest mmap threshold on 64-bit; Pillow allocates an image in blocks of at
-# most 16 MiB) comes from the heap, and the heap is given back only past 64 MiB free.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_HEAP_BELOW = 32 << 20
-_TRIM_ABOVE = 64 << 20
 
 
 class DecoderUnavailable(RuntimeError):
@@ -357,7 +350,7 @@ def serve(conn: multiprocessing.connection.Connection, shm_name: str, spec: Chil
     """The child's loop: bytes in, pixels into the shared slot (or a failure) out, until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    keep_freed_memory()
+    keep_freed_memory()  # a decode process's heap: see consumer.heap
     prepare = _preparer(spec)
     hook = _hook(spec.hook)
     # The fork server shares the consumer's resource tracker, so attaching registers nothing
@@ -440,30 +433,6 @@ def _hook(path: str) -> Any:
         return None
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def keep_freed_memory() -> bool:
-    """Keep what one image frees for the next one instead of handing it back to the kernel.
-
-    A child does the same allocations image after image, and in a small heap an image's buffers
-    sit at its top: glibc's malloc kept giving them back to the kernel as they were freed (its
-    trim threshold follows the largest buffer freed, and an image's buffers together pass it)
-    and took them back as fresh pages, each faulted in and zeroed. Measured here, one child:
-    2000x1500 photos, 3,000 page faults and 5.3 ms of system time per image in 16.4 ms of CPU;
-    500x375 JPEGs, 180 to 240 faults and 0.35 to 0.55 ms in three children of four. With these
-    settings: none, and no system time to speak of. The cost is memory a child keeps: what it
-    has used, less what passes 64 MiB free at the top of its heap. False where the C library's
-    ``mallopt`` refuses these (musl's does nothing) or there is none (macOS): decoding works
-    the same there, only slower.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    # Setting either turns off glibc's own moving thresholds: both are set, the mmap one first.
-    return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BELOW)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE)
-    )
 
 
 def _limit_memory(budget: int) -> None:
