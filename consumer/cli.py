@@ -35,10 +35,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bottleneck-consumer: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(config.log_level)
-    if config.decode_isolation == "threads":
-        # This process decodes: its heap keeps what an image frees for the next, as a decode
-        # process's does (consumer.heap). Early, before the model's allocations start.
-        heap.keep_freed_memory()
     if config.devices == "all":
         import torch
 
@@ -58,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stop.received:
         log.info("stopped before receiving anything", extra={"fields": {"signal": stop.received}})
         return 0
+    # A consumer that decodes in its threads: its heap keeps what an image frees for the next,
+    # as a decode process's does (consumer.heap). Only now: the model's weights were built on
+    # the CPU, and the copies freed once they moved to the GPU must go back to the kernel first.
+    if config.decode_isolation == "threads" and not heap.keep_freed_memory():
+        log.debug("this C library's malloc cannot be told to keep freed memory")
     worker = Worker(runtime)
     stop.target = worker.request_stop
     if stop.received:  # arrived between the check above and the hand-over

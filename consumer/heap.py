@@ -13,8 +13,12 @@ them back as fresh pages, each faulted in and zeroed. Measured here:
 
 With :func:`keep_freed_memory`: no faults to speak of, 28 % less CPU per large photo in a decode
 process, 3.5 to 3.7 ms per image in the threads. The cost is memory the process keeps: what it
-has used, less what passes 64 MiB free at the top of a heap (45 MB more for the two threads
-above, about 22 MB per decode process after that mixed set).
+has used, less what passes 64 MiB free at the top of a heap. A decode process has one heap
+(about 22 MB more after that mixed set). The consumer's own process has one per thread that
+allocates, up to 8 per core, each keeping up to 64 MiB, and the setting covers everything it
+allocates (torch's and obstore's buffers too): 45 MB more for the two threads above, a review's
+six threads allocating and freeing kept 210 MiB against 7; with a decode thread per core on an
+8-vCPU instance count on some hundreds of MB, a few GB at the very most.
 """
 
 from __future__ import annotations
