@@ -73,17 +73,15 @@ def test_the_models_input_is_timms_tensor_bit_for_bit(channels_last: bool) -> No
     prepare = ImagePreparer(spec, DecodeLimits())
     images = _images()
     batch = torch.from_numpy(np.stack([prepare(b) for b in images]))
-    kept = batch.clone()
     ref = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
 
     # WHEN the device-side normaliser turns the batch into the model's input
     ours = DeviceNormalizer(spec, torch.device("cpu"))(batch, channels_last=channels_last)
 
-    # THEN it is timm's tensor exactly, in the layout asked for, and the batch is left as it was
+    # THEN it is timm's tensor exactly, in the layout asked for
     assert torch.equal(ours, ref)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     assert ours.is_contiguous(memory_format=layout)
-    assert torch.equal(batch, kept)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny_patch16_224"])
