@@ -22,7 +22,7 @@ import pytest
 from consumer.errors import PermanentError, TransientError, classify
 from consumer.objects import ConditionFailed, GetAbandoned, ObjectClient, open_objects
 from consumer.objects.boto import BotoObjects
-from consumer.objects.native import RETRY, NativeObjects, _credential_provider
+from consumer.objects.native import RETRY, NativeObjects, _credential_provider, native_key
 from tests.faults import Fault, FaultyEndpoint
 
 REGION = "us-east-1"
@@ -242,6 +242,37 @@ KEYS = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("key", "native"),
+    [
+        ("photos/cat 1.jpg", True),
+        ("...", True),
+        (".hidden/a..b/c.", True),
+        ("a/.../b", True),
+        ("é/ü~.jpg", True),
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("./a", False),
+        ("a/.", False),
+        ("a/..", False),
+        ("../a", False),
+        ("/a", False),
+        ("a/", False),
+        ("a//b", False),
+        ("dot/./segment.jpg", False),
+        ("dotdot/../segment.jpg", False),
+        ("tab\there", False),
+        ("del\x7f.jpg", False),
+        ("nul\x00.jpg", False),
+        ("unit\x1f.jpg", False),
+    ],
+)
+def test_only_keys_obstore_addresses_exactly_go_native(key: str, native: bool) -> None:
+    # Every other key takes the boto3 fallback (the test below shows both reach their object).
+    assert native_key(key) is native
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_any_s3_key_reaches_exactly_its_object(objects: ObjectClient, s3: Any, key: str) -> None:
     # GIVEN a source object under an unusual key, and the neighbour that a sloppy path
@@ -266,8 +297,9 @@ def test_any_s3_key_reaches_exactly_its_object(objects: ObjectClient, s3: Any, k
 def test_native_put_refuses_metadata_that_is_not_ascii(s3: Any) -> None:
     # GIVEN the native client  WHEN a metadata value is not ASCII  THEN nothing is sent
     objects = make("obstore", s3)
-    with pytest.raises(ValueError, match="not ASCII"):
-        objects.put(BUCKET, "v1/e.npy", b"x", metadata={"source-key": "é"}, content_type="a/b")
+    meta = {"model": "m", "source-key": "é", "shape": "8"}
+    with pytest.raises(ValueError, match=r"^metadata 'source-key' is not ASCII: 'é'$"):
+        objects.put(BUCKET, "v1/e.npy", b"x", metadata=meta, content_type="a/b")
     assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET)
 
 
