@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from bottleneck_contract.features import is_current
 from consumer import storage
@@ -27,6 +26,7 @@ from consumer.inflight import InFlight
 from consumer.objects import GetAbandoned, ObjectClient
 from consumer.preprocess import Preparer
 from consumer.stats import Stats
+from consumer.task_threads import TaskThreads
 from consumer.work import ImageTask
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,9 @@ class Loader:
         # Decode processes (the default) do the work and admit one image per child; the thread
         # that fetched an image then only waits for one, so it decodes the image itself: a
         # second pool would add a hand-off and a thread's wake-up per image and nothing else.
-        self.fetch_pool = ThreadPoolExecutor(fetch_concurrency, thread_name_prefix="fetch")
+        self.fetch_pool = TaskThreads(fetch_concurrency, "fetch")
         self.decode_pool = (
-            None
-            if decode_inline or decode_on_device
-            else ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
+            None if decode_inline or decode_on_device else TaskThreads(decode_threads, "decode")
         )
 
     def submit(self, task: ImageTask) -> None:
@@ -94,9 +92,9 @@ class Loader:
     def shutdown(self) -> None:
         if self.budget is not None:
             self.budget.close()  # fetches waiting for bytes give up: the worker is halted
-        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=False, cancel_pending=True)
         if self.decode_pool is not None:
-            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+            self.decode_pool.shutdown(wait=False, cancel_pending=True)
 
     def _abandoned(self, task: ImageTask) -> bool:
         """A lost message's image is dropped; a halted worker leaves it for the release."""
@@ -153,7 +151,12 @@ class Loader:
             return self._hand_over(task)
         if self.decode_pool is None:
             return self._decode(task)
-        self.decode_pool.submit(self._decode, task)
+        try:
+            self.decode_pool.submit(self._decode, task)
+        except RuntimeError:
+            if not self.halted.is_set():
+                raise
+            # Halted, the decode threads shut down under this fetch: its message is released.
         return None
 
     def _hold(self, task: ImageTask, size: int) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from consumer import storage
 from consumer.dedupe import ContentIndex
@@ -13,6 +12,7 @@ from consumer.features import FeatureSettings, metadata, serialise
 from consumer.inflight import InFlight
 from consumer.objects import ObjectClient
 from consumer.stats import Stats
+from consumer.task_threads import TaskThreads
 from consumer.work import ImageTask
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,13 @@ class Writer:
         self.overwrite = overwrite
         self.orphan_check = orphan_check
         self.content_index = content_index
-        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="write")
+        self.pool = TaskThreads(concurrency, "write")
 
     def submit(self, task: ImageTask) -> None:
         self.pool.submit(self._write, task)
 
     def shutdown(self, wait: bool) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=not wait)
+        self.pool.shutdown(wait=wait, cancel_pending=not wait)
 
     def _write(self, task: ImageTask) -> None:
         if task.message.lost:
