@@ -44,24 +44,18 @@ class _Crew:
         self.idle = 0
         self.threads: list[threading.Thread] = []
 
-    def stop(self) -> None:
-        """Close, and queue one stop per thread behind the tasks already queued."""
+    def stop(self, *, drop_queued: bool = False) -> None:
+        """Close, drop the tasks not started if asked (stops queued earlier stay), and queue one
+        stop per thread behind what is left."""
         with self.lock:
-            self.closed = True
+            self.closed = True  # from here no task is queued and no thread starts
             count = len(self.threads)
-        for _ in range(count):
-            self.tasks.put(None)
-
-    def drop_queued(self) -> None:
-        """Drop the tasks not started; stops already queued stay."""
-        stops = 0
-        while True:
+        while drop_queued:
             try:
-                task = self.tasks.get_nowait()
+                count += self.tasks.get_nowait() is None
             except queue.Empty:
                 break
-            stops += task is None
-        for _ in range(stops):
+        for _ in range(count):
             self.tasks.put(None)
 
 
@@ -141,11 +135,7 @@ class TaskThreads:
         """No more tasks; ``cancel_pending`` drops those not started, ``wait`` joins the threads
         (after the tasks under way, and the queued ones unless dropped)."""
         crew = self._crew
-        with crew.lock:
-            crew.closed = True
-        if cancel_pending:
-            crew.drop_queued()
-        crew.stop()
+        crew.stop(drop_queued=cancel_pending)
         if wait:
             with crew.lock:
                 threads = list(crew.threads)
