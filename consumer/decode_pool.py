@@ -10,7 +10,8 @@ The same processes take decoding off the GIL of the process that owns the model:
 writes the encoded bytes to a socket and copies the ``(H, W, 3)`` uint8 result out of a shared
 memory slot, no pickling of pixels, the way PyTorch's DataLoader feeds a GPU. Each child:
 
-- imports Pillow and numpy, never torch (see :mod:`consumer.pil_resize`), so it starts in a
+- imports Pillow, numpy and the resize's compiled loops (:mod:`consumer.resample`, loaded once
+  by the fork server), never torch (see :mod:`consumer.pil_resize`), so it starts in a
   fraction of a second from a fork server and its address space is small enough to cap;
 - caps that address space (``RLIMIT_AS``) at what it has after start-up plus
   ``memory_bytes``, so a pathological image fails with ``too-large`` instead of inviting the
@@ -47,6 +48,10 @@ import numpy as np
 from consumer.decode import DecodeLimits
 from consumer.errors import PermanentError, TransientError, classify
 from consumer.heap import keep_freed_memory
+
+# Imported here for the fork server: it loads the resize's compiled loops once (numba's cache,
+# or a compile of about a second the first time) and every child forks with them.
+from consumer.pil_resize import plain_stages
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +400,14 @@ def _settled(exc: BaseException) -> tuple[str, str, bool]:
 
 def _preparer(spec: ChildSpec) -> Any:
     from consumer.decode import decode_image
-    from consumer.pil_resize import plain_stages
 
-    stages = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
-    if stages is None:  # an unusual transform: timm's own (this child then imports torch)
+    plain = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+    if plain is not None:
+        to_array = plain.to_array
+    else:  # an unusual transform: timm's own (this child then imports torch)
         from consumer.preprocess import InputSpec, pil_stages
 
-        stages = pil_stages(
+        timms = pil_stages(
             InputSpec(
                 spec.input_size,
                 spec.interpolation,
@@ -411,6 +417,10 @@ def _preparer(spec: ChildSpec) -> Any:
                 spec.crop_mode,
             )
         )
+
+        def to_array(image: Any) -> np.ndarray:
+            return np.asarray(timms(image), dtype=np.uint8)
+
     _, height, width = spec.input_size
     expected = (height, width, 3)
     draft_size = None
@@ -419,8 +429,7 @@ def _preparer(spec: ChildSpec) -> Any:
         draft_size = (scale, scale)
 
     def prepare(data: bytes) -> np.ndarray:
-        image = stages(decode_image(data, spec.limits, draft_size=draft_size))
-        array = np.asarray(image, dtype=np.uint8)
+        array = to_array(decode_image(data, spec.limits, draft_size=draft_size))
         if array.shape != expected:
             raise RuntimeError(f"preprocessed image has shape {array.shape}, expected {expected}")
         return array

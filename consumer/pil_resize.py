@@ -8,6 +8,10 @@ arithmetic, the same Pillow resampling passes in Pillow's order, the same crop b
 are identical (the tests compare them with :func:`consumer.preprocess.pil_stages` byte for
 byte). Any other transform returns ``None`` from :func:`plain_stages` and the caller uses timm's
 own.
+
+The decode paths call :meth:`ResizeCrop.to_array`, which runs the same passes in
+:mod:`consumer.resample` (Pillow's integer arithmetic in vector loops, a fifth of the CPU) for
+an RGB image and a filter whose weights it computes exactly, and Pillow's otherwise.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import PIL
 from PIL import Image
+
+from consumer import resample
 
 # torchvision's InterpolationMode names, as timm's data config spells them, to Pillow's filters.
 _FILTERS = {
@@ -92,14 +99,37 @@ class ResizeCrop:
     width: int
     resample: Image.Resampling
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        w, h = image.size
+    def _geometry(self, w: int, h: int) -> tuple[tuple[int, int], int, int]:
+        """torchvision's resize target for a ``w`` x ``h`` image and the crop's top and left."""
         if w <= h:
             size = (self.short, int(self.short * h / w))
         else:
             size = (int(self.short * w / h), self.short)
-        top = round((size[1] - self.height) / 2.0)
-        left = round((size[0] - self.width) / 2.0)
+        return size, round((size[1] - self.height) / 2.0), round((size[0] - self.width) / 2.0)
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """``np.asarray(self(image))``, a contiguous ``(height, width, 3)`` uint8 array: for an
+        RGB image and the filters whose weights :mod:`consumer.resample` computes as Pillow
+        does, by its vector passes (the same bytes, about a fifth of the CPU); else by Pillow."""
+        w, h = image.size
+        size, top, left = self._geometry(w, h)
+        if (
+            image.mode == "RGB"
+            and self.resample in resample.SUPPORT
+            and resample.EXACT_HERE
+            and _VERTICAL_FIRST is not None
+            and size != (w, h)
+        ):
+            box = (left, top, left + self.width, top + self.height)
+            vertical_first = _VERTICAL_FIRST(w, h, *size)
+            return resample.resize_crop(
+                image, size, box, self.resample, vertical_first=vertical_first
+            )
+        return np.ascontiguousarray(np.asarray(self(image), dtype=np.uint8))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        size, top, left = self._geometry(w, h)
         if size == (w, h):  # torchvision returns the image itself when nothing changes
             return image.crop((left, top, left + self.width, top + self.height))
         if self.resample == Image.Resampling.NEAREST or _VERTICAL_FIRST is None:
@@ -177,7 +207,7 @@ def _inputs_read(
 
 def plain_stages(
     input_size: tuple[int, int, int], interpolation: str, crop_pct: float, crop_mode: str
-) -> Callable[[Image.Image], Image.Image] | None:
+) -> ResizeCrop | None:
     """The torch-free equivalent of timm's eval transform for these settings, or ``None``."""
     _, height, width = input_size
     scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))

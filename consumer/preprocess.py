@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from consumer.decode import DecodeLimits, decode_image
-from consumer.pil_resize import plain_stages
+from consumer.pil_resize import ResizeCrop, plain_stages
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +99,11 @@ def _float32(values: Any) -> np.ndarray:
 
 def to_uint8_hwc(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """The cropped RGB image as a contiguous ``(H, W, 3)`` uint8 array of the model's size."""
-    array = np.asarray(image, dtype=np.uint8)
+    return check_hwc(np.asarray(image, dtype=np.uint8), spec)
+
+
+def check_hwc(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``array``, contiguous, once it has the model's ``(H, W, 3)`` shape."""
     expected = (spec.height, spec.width, 3)
     if array.shape != expected:
         raise RuntimeError(f"preprocessed image has shape {array.shape}, expected {expected}")
@@ -163,4 +167,6 @@ class ImagePreparer:
 
     def __call__(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.limits, draft_size=self.draft_size)
+        if isinstance(self.stages, ResizeCrop):
+            return check_hwc(self.stages.to_array(image), self.spec)
         return to_uint8_hwc(self.stages(image), self.spec)
