@@ -48,9 +48,6 @@ import numpy as np
 from consumer.decode import DecodeLimits
 from consumer.errors import PermanentError, TransientError, classify
 from consumer.heap import keep_freed_memory
-
-# Imported here for the fork server: it loads the resize's compiled loops once (numba's cache,
-# or a compile of about a second the first time) and every child forks with them.
 from consumer.pil_resize import plain_stages
 
 log = logging.getLogger(__name__)
@@ -109,7 +106,10 @@ class DecodeProcesses:
         self._context = multiprocessing.get_context("forkserver")
         # The server imports the child's modules once; every child (and every replacement after
         # a crash) is then a cheap fork of it, never of this multi-threaded torch process.
-        self._context.set_forkserver_preload(["consumer.decode_pool"])
+        # consumer.resample too: the server loads the resize's compiled loops once (numba's
+        # cache, or a compile of about a second the first time) and every child forks with
+        # them, while this process, which does not resize, stays without numba (114 MiB).
+        self._context.set_forkserver_preload(["consumer.decode_pool", "consumer.resample"])
         # Idle children, last in first out: the child that finished last decodes next, its
         # heap, its output slot and its code still in the CPU's caches. Taken in turn, each
         # child runs cold whenever fewer images come than there are children (0.08-0.1 ms more

@@ -24,8 +24,6 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from consumer import resample
-
 # torchvision's InterpolationMode names, as timm's data config spells them, to Pillow's filters.
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -111,6 +109,10 @@ class ResizeCrop:
         """``np.asarray(self(image))``, a contiguous ``(height, width, 3)`` uint8 array: for an
         RGB image and the filters whose weights :mod:`consumer.resample` computes as Pillow
         does, by its vector passes (the same bytes, about a fifth of the CPU); else by Pillow."""
+        # Here, not at the top: numba costs a process about 114 MiB, and the consumer's own
+        # process imports this module without resizing (the decode processes do).
+        from consumer import resample
+
         w, h = image.size
         size, top, left = self._geometry(w, h)
         if (

@@ -8,6 +8,7 @@ host moves a quarter of the bytes and does no float work.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -164,6 +165,9 @@ class ImagePreparer:
             or timms
         )
         self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
+        if isinstance(self.stages, ResizeCrop):
+            # The resize's compiled loops now, not under the first image.
+            importlib.import_module("consumer.resample")
 
     def __call__(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.limits, draft_size=self.draft_size)
