@@ -197,9 +197,9 @@ def _pixels(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
     return np.frombuffer(part.tobytes("raw", "RGBX"), np.uint32).reshape(rows, columns)
 
 
-def _transposed(pixels: np.ndarray) -> np.ndarray:
-    """4-byte pixels transposed, as contiguous bytes: ``(columns, rows * 4)``."""
-    return np.ascontiguousarray(pixels.T).view(np.uint8)
+def _swapped(pixels: np.ndarray) -> np.ndarray:
+    """4-byte pixels (``uint32``, or their bytes) transposed: ``(columns, rows)`` 32-bit."""
+    return np.ascontiguousarray(pixels.view(np.uint32).T)
 
 
 def resize_crop(
@@ -229,51 +229,52 @@ def resize_crop(
 def _horizontal_first(
     image: Image.Image, across: Weights | None, down: Weights | None, box: tuple[int, int, int, int]
 ) -> np.ndarray:
-    w, _ = image.size
     left, top, right, bottom = box
-    width = right - left
     start, stop = down.reads() if down is not None else (top, bottom)
     if across is None:  # the width stays: the kept columns of the rows the second pass reads
         rows = np.ascontiguousarray(_pixels(image, (left, start, right, stop)))
     else:
-        # The horizontal pass, block by block of rows: (kept columns, rows * 4) bytes.
-        columns = np.empty((width, (stop - start) * 4), np.uint8)
-        step = max(1, _BLOCK_BYTES // (w * 4))
-        for row in range(start, stop, step):
-            end = min(row + step, stop)
-            block = _transposed(_pixels(image, (0, row, w, end)))
-            f, c, k = across
-            resample_rows(block, 0, block.shape[1], f, c, k, 0, columns, (row - start) * 4)
-        rows = np.ascontiguousarray(columns.view(np.uint32).T)  # (rows, kept columns)
+        rows = _swapped(_first_pass(image, across, start, stop, horizontal=True))
     if down is None:
         return rows[top - start : bottom - start]
-    out = np.empty((bottom - top, width * 4), np.uint8)
-    resample_rows(rows.view(np.uint8), 0, width * 4, *down, start, out, 0)
-    return out
+    return _second_pass(rows.view(np.uint8), down, start)  # (kept rows, kept columns * 4)
 
 
 def _vertical_first(
     image: Image.Image, across: Weights | None, down: Weights | None, box: tuple[int, int, int, int]
 ) -> np.ndarray:
-    _, h = image.size
     left, top, right, bottom = box
-    height = bottom - top
     start, stop = across.reads() if across is not None else (left, right)
     if down is None:  # the height stays: the kept rows of the columns the second pass reads
         rows = np.ascontiguousarray(_pixels(image, (start, top, stop, bottom)))
     else:
-        # The vertical pass, block by block of columns: (kept rows, columns * 4) bytes.
-        rows = np.empty((height, stop - start), np.uint32)
-        step = max(1, _BLOCK_BYTES // (h * 4))
-        for column in range(start, stop, step):
-            end = min(column + step, stop)
-            block = _pixels(image, (column, 0, end, h)).view(np.uint8)
-            f, c, k = down
-            target = rows.view(np.uint8)
-            resample_rows(block, 0, block.shape[1], f, c, k, 0, target, (column - start) * 4)
+        rows = _first_pass(image, down, start, stop, horizontal=False).view(np.uint32)
     if across is None:
         return rows[:, left - start : right - start]
-    columns = _transposed(rows)  # (columns read, kept rows * 4)
-    out = np.empty((right - left, height * 4), np.uint8)
-    resample_rows(columns, 0, height * 4, *across, start, out, 0)
-    return np.ascontiguousarray(out.view(np.uint32).T)
+    columns = _swapped(rows).view(np.uint8)  # (columns read, kept rows * 4)
+    return _swapped(_second_pass(columns, across, start).view(np.uint32))
+
+
+def _first_pass(
+    image: Image.Image, table: Weights, start: int, stop: int, *, horizontal: bool
+) -> np.ndarray:
+    """The first pass over the image's rows (``horizontal``) or columns ``[start, stop)``, block
+    by block: ``(kept outputs, (stop - start) * 4)`` bytes, an output's line across the lanes."""
+    w, h = image.size
+    out = np.empty((len(table.first), (stop - start) * 4), np.uint8)
+    step = max(1, _BLOCK_BYTES // ((w if horizontal else h) * 4))
+    for line in range(start, stop, step):
+        end = min(line + step, stop)
+        if horizontal:  # the rows, transposed: a vertical pass does the horizontal one's work
+            block = _swapped(_pixels(image, (0, line, w, end))).view(np.uint8)
+        else:
+            block = _pixels(image, (line, 0, end, h)).view(np.uint8)
+        resample_rows(block, 0, block.shape[1], *table, 0, out, (line - start) * 4)
+    return out
+
+
+def _second_pass(lines: np.ndarray, table: Weights, start: int) -> np.ndarray:
+    """The second pass over ``lines`` (``(lines read from start, lanes)`` bytes)."""
+    out = np.empty((len(table.first), lines.shape[1]), np.uint8)
+    resample_rows(lines, 0, lines.shape[1], *table, start, out, 0)
+    return out
