@@ -106,10 +106,15 @@ class DecodeProcesses:
         self._context = multiprocessing.get_context("forkserver")
         # The server imports the child's modules once; every child (and every replacement after
         # a crash) is then a cheap fork of it, never of this multi-threaded torch process.
-        # consumer.resample too: the server loads the resize's compiled loops once (numba's
-        # cache, or a compile of about a second the first time) and every child forks with
-        # them, while this process, which does not resize, stays without numba (114 MiB).
-        self._context.set_forkserver_preload(["consumer.decode_pool", "consumer.resample"])
+        # consumer.resample too where the children will use it: the server loads the resize's
+        # compiled loops once (numba's cache, or a compile of about a second the first time)
+        # and every child forks with them, while this process, which does not resize, stays
+        # without numba (114 MiB).
+        plain = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+        vectorised = plain is not None and plain.vectorised
+        self._context.set_forkserver_preload(
+            ["consumer.decode_pool", *(["consumer.resample"] if vectorised else [])]
+        )
         # Idle children, last in first out: the child that finished last decodes next, its
         # heap, its output slot and its code still in the CPU's caches. Taken in turn, each
         # child runs cold whenever fewer images come than there are children (0.08-0.1 ms more
@@ -237,7 +242,16 @@ class _Child:
         self.process = context.Process(
             target=serve, args=(child_conn, self.shm.name, spec), daemon=True, name="decode"
         )
-        self.process.start()
+        try:
+            self.process.start()
+        except (EOFError, OSError) as exc:  # the fork server died (a module it preloads broke)
+            child_conn.close()
+            self.sock.close()
+            self.shm.close()
+            self.shm.unlink()
+            raise DecoderUnavailable(
+                f"a decode process could not start: the fork server failed ({exc!r})"
+            ) from exc
         child_conn.close()
         self.pid = int(self.process.pid or 0)
         # A child that cannot even start (a bad hook, no shared memory) is a broken setup, not
@@ -404,6 +418,9 @@ def _preparer(spec: ChildSpec) -> Any:
     plain = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
     if plain is not None:
         to_array = plain.to_array
+        if plain.vectorised:  # loaded now, before the address space is capped (the fork
+            # server preloads it, unless it was already running with another list)
+            importlib.import_module("consumer.resample").agrees_with_pillow()
     else:  # an unusual transform: timm's own (this child then imports torch)
         from consumer.preprocess import InputSpec, pil_stages
 

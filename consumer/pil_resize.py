@@ -17,6 +17,7 @@ an RGB image and a filter whose weights it computes exactly, and Pillow's otherw
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,14 @@ def _vertical_first_rule(version: str) -> Callable[[int, int, int, int], bool] |
 
 
 _VERTICAL_FIRST = _vertical_first_rule(PIL.__version__)
+# The filters whose weights consumer.resample computes as Pillow does (plain arithmetic: the
+# others use sin, whose last bit may differ between libm and numpy), on the machines whose Pillow
+# wheels round after every operation: x86-64's are built for the baseline instruction set, which
+# has no fused multiply-add; elsewhere (aarch64) the C compiler may fuse.
+_VECTOR_FILTERS = frozenset(
+    {Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC}
+)
+_VECTOR_MACHINE = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def pillow_resizes_vertically_first(
@@ -105,28 +114,29 @@ class ResizeCrop:
             size = (int(self.short * w / h), self.short)
         return size, round((size[1] - self.height) / 2.0), round((size[0] - self.width) / 2.0)
 
+    @property
+    def vectorised(self) -> bool:
+        """Whether :meth:`to_array` can resize RGB images with :mod:`consumer.resample` (which
+        then also checks, once, that its weights are the installed Pillow's)."""
+        return self.resample in _VECTOR_FILTERS and _VECTOR_MACHINE and _VERTICAL_FIRST is not None
+
     def to_array(self, image: Image.Image) -> np.ndarray:
         """``np.asarray(self(image))``, a contiguous ``(height, width, 3)`` uint8 array: for an
         RGB image and the filters whose weights :mod:`consumer.resample` computes as Pillow
         does, by its vector passes (the same bytes, about a fifth of the CPU); else by Pillow."""
-        # Here, not at the top: numba costs a process about 114 MiB, and the consumer's own
-        # process imports this module without resizing (the decode processes do).
-        from consumer import resample
-
         w, h = image.size
         size, top, left = self._geometry(w, h)
-        if (
-            image.mode == "RGB"
-            and self.resample in resample.SUPPORT
-            and resample.EXACT_HERE
-            and _VERTICAL_FIRST is not None
-            and size != (w, h)
-        ):
-            box = (left, top, left + self.width, top + self.height)
-            vertical_first = _VERTICAL_FIRST(w, h, *size)
-            return resample.resize_crop(
-                image, size, box, self.resample, vertical_first=vertical_first
-            )
+        rule = _VERTICAL_FIRST
+        if image.mode == "RGB" and size != (w, h) and self.vectorised and rule is not None:
+            # Here, not at the top: numba costs a process about 114 MiB, and the consumer's own
+            # process imports this module without resizing (the decode processes do).
+            from consumer import resample
+
+            if resample.agrees_with_pillow():
+                box = (left, top, left + self.width, top + self.height)
+                return resample.resize_crop(
+                    image, size, box, self.resample, vertical_first=rule(w, h, *size)
+                )
         return np.ascontiguousarray(np.asarray(self(image), dtype=np.uint8))
 
     def __call__(self, image: Image.Image) -> Image.Image:

@@ -165,9 +165,10 @@ class ImagePreparer:
             or timms
         )
         self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
-        if isinstance(self.stages, ResizeCrop):
-            # The resize's compiled loops now, not under the first image.
-            importlib.import_module("consumer.resample")
+        if isinstance(self.stages, ResizeCrop) and self.stages.vectorised:
+            # The resize's compiled loops, and its check against Pillow, now, not under the
+            # first image.
+            importlib.import_module("consumer.resample").agrees_with_pillow()
 
     def __call__(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.limits, draft_size=self.draft_size)

@@ -19,8 +19,8 @@ taps at a time gives Pillow's result exactly.
 
 from __future__ import annotations
 
+import logging
 import math
-import platform
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -30,6 +30,8 @@ import numpy as np
 from numba import types
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 _PRECISION_BITS = 22  # Resample.c: 32 bits, less 8 for the pixel and 2 for the filter's overshoot
 # The filters whose weights are plain arithmetic (no sin or cos, whose last bit may differ
 # between libm and numpy), with their support at scale 1.
@@ -38,10 +40,6 @@ SUPPORT = {
     Image.Resampling.BILINEAR: 1.0,
     Image.Resampling.BICUBIC: 2.0,
 }
-# Pillow's wheels for x86-64 are built for the baseline instruction set, which has no fused
-# multiply-add, so its filter arithmetic rounds after every operation, as numpy's does. Elsewhere
-# (aarch64) the C compiler may fuse and a weight's last bit could differ: Pillow does the work.
-EXACT_HERE = platform.machine().lower() in ("x86_64", "amd64")
 # Rows (or columns) of input transposed at a time: a block of about 2 MiB of 4-byte pixels, so a
 # 12-megapixel photo needs no full-size copy.
 _BLOCK_BYTES = 2 << 20
@@ -54,10 +52,6 @@ class Weights(NamedTuple):
     first: np.ndarray  # int32 (outputs,)
     span: np.ndarray  # int32 (outputs,)
     weights: np.ndarray  # int32 (outputs, taps)
-
-    def kept(self, start: int, stop: int) -> Weights:
-        """The weights of outputs ``start`` to ``stop - 1`` only (contiguous views)."""
-        return Weights(self.first[start:stop], self.span[start:stop], self.weights[start:stop])
 
     def reads(self) -> tuple[int, int]:
         """The input rows ``[start, stop)`` that these outputs read."""
@@ -77,15 +71,21 @@ def _filter(resample: Image.Resampling, x: np.ndarray) -> np.ndarray:
     return np.where(a < 1.0, near, np.where(a < 2.0, far, 0.0))
 
 
-@lru_cache(maxsize=256)
-def weights(in_size: int, out_size: int, resample: Image.Resampling) -> Weights:
+# A few hundred outputs each (the crop's), so the cache stays small whatever the images: a
+# table for every output of a 1x3000 strip resized to a 256-pixel short side (768,000 rows)
+# would hold tens of MB, and the decode processes' address space is capped.
+@lru_cache(maxsize=64)
+def weights(
+    in_size: int, out_size: int, resample: Image.Resampling, start: int, stop: int
+) -> Weights:
     """Pillow's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` for resizing ``in_size``
-    pixels to ``out_size`` (no box), in the same double operations and order."""
+    pixels to ``out_size`` (no box), in the same double operations and order, for outputs
+    ``start`` to ``stop - 1`` only (each output's weights depend on nothing else)."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = SUPPORT[resample] * filterscale
     taps = math.ceil(support) * 2 + 1
-    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    center = (np.arange(start, stop, dtype=np.float64) + 0.5) * scale
     first = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
     span = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64) - first
     tap = np.arange(taps)
@@ -99,14 +99,41 @@ def weights(in_size: int, out_size: int, resample: Image.Resampling) -> Weights:
     return Weights(first.astype(np.int32), span.astype(np.int32), fixed.astype(np.int32))
 
 
+@lru_cache(maxsize=1)
+def agrees_with_pillow() -> bool:
+    """Whether :func:`weights` gives the installed Pillow's weights, checked once a process.
+
+    Pillow resizes a 32-bit image with the same weights in double precision and rounds each
+    output as ``normalize_coeffs_8bpc`` rounds a weight; an identity matrix times 2**22 so
+    resized gives Pillow's 8-bit weights exactly. A Pillow built to fuse multiplies and adds (a
+    distribution's x86-64-v3 build), or one whose filters changed, would show here, and the
+    caller then leaves the resize to Pillow.
+    """
+    for resample in SUPPORT:
+        for in_size, out_size in ((500, 224), (375, 168), (257, 256), (37, 300), (7, 3), (300, 1)):
+            identity = np.eye(in_size, dtype=np.int32) * (1 << _PRECISION_BITS)
+            resized = Image.fromarray(identity).resize((out_size, in_size), resample)
+            theirs = np.asarray(resized, dtype=np.int64).T  # (outputs, inputs)
+            table = weights(in_size, out_size, resample, 0, out_size)
+            ours = np.zeros((out_size, in_size), np.int64)
+            for o in range(out_size):
+                first, span = int(table.first[o]), int(table.span[o])
+                ours[o, first : first + span] = table.weights[o, :span]
+            if not np.array_equal(ours, theirs):
+                log.warning(
+                    "the installed Pillow resizes with other weights: Pillow does the resize",
+                    extra={"fields": {"pillow": Image.__version__, "filter": resample.name}},
+                )
+                return False
+    return True
+
+
 _BYTES = types.Array(types.uint8, 2, "C")
 # Pixels straight from Pillow's bytes are read-only; transposed ones are not.
 _SOURCES = (_BYTES, types.Array(types.uint8, 2, "C", readonly=True))
 _SIGNATURES = [
     types.void(
         source,
-        types.int64,
-        types.int64,
         types.Array(types.int32, 1, "C"),
         types.Array(types.int32, 1, "C"),
         types.Array(types.int32, 2, "C"),
@@ -120,24 +147,31 @@ _SIGNATURES = [
 
 def _compiled(signatures: Any) -> Callable[[Callable[..., None]], Any]:
     """numba's ``njit`` for these signatures, compiled when this module is imported: from its
-    on-disk cache after the first time (about 0.15 s here, against 1 s to compile), and the fork
-    server that starts the decode processes imports it once for all of them."""
+    on-disk cache after the first time (about 0.15 s here, against 1.4 s to compile), and the
+    fork server that starts the decode processes imports it once for all of them."""
 
     def compile_(function: Callable[..., None]) -> Any:
         try:
             return numba.njit(signatures, cache=True, nogil=True, boundscheck=False)(function)
-        except RuntimeError:  # no writable place for the cache (a read-only file system)
+        except Exception as exc:
+            # No writable place for the cache (RuntimeError), a full disk (OSError), a cache
+            # file cut short (EOFError): the loops still compile, only not from or to disk. An
+            # import that raised here would take the fork server, and every decode, with it.
+            log.warning(
+                "the resize's compiled loops are not cached: each process compiles them",
+                extra={"fields": {"function": function.__name__, "error": repr(exc)}},
+            )
             return numba.njit(signatures, cache=False, nogil=True, boundscheck=False)(function)
 
     return compile_
 
 
 @_compiled(_SIGNATURES)
-def resample_rows(src, lo, hi, first, span, weights, shift, out, out_lo):
-    """``out[o, out_lo + i]`` for lanes ``i`` in ``[0, hi - lo)``: the 8-bit clip of the
-    weighted sum of ``src[first[o] - shift + j, lo + i]`` over taps ``j``, as Resample.c."""
+def resample_rows(src, first, span, weights, shift, out, out_lo):
+    """``out[o, out_lo + i]`` for every lane ``i`` of ``src``: the 8-bit clip of the weighted
+    sum of ``src[first[o] - shift + j, i]`` over taps ``j``, as Resample.c."""
     half = np.int32(1 << (_PRECISION_BITS - 1))
-    lanes = hi - lo
+    lanes = src.shape[1]
     acc = np.empty(lanes, np.int32)
     for o in range(out.shape[0]):
         acc[:] = half
@@ -150,10 +184,10 @@ def resample_rows(src, lo, hi, first, span, weights, shift, out, out_lo):
             w1 = np.int32(weights[o, j + 1])
             w2 = np.int32(weights[o, j + 2])
             w3 = np.int32(weights[o, j + 3])
-            r0 = src[base + j, lo:hi]
-            r1 = src[base + j + 1, lo:hi]
-            r2 = src[base + j + 2, lo:hi]
-            r3 = src[base + j + 3, lo:hi]
+            r0 = src[base + j]
+            r1 = src[base + j + 1]
+            r2 = src[base + j + 2]
+            r3 = src[base + j + 3]
             for i in range(lanes):
                 acc[i] = np.int32(
                     acc[i]
@@ -165,7 +199,7 @@ def resample_rows(src, lo, hi, first, span, weights, shift, out, out_lo):
             j += 4
         while j < taps:
             w0 = np.int32(weights[o, j])
-            r0 = src[base + j, lo:hi]
+            r0 = src[base + j]
             for i in range(lanes):
                 acc[i] = np.int32(acc[i] + np.int32(r0[i]) * w0)
             j += 1
@@ -215,8 +249,8 @@ def resize_crop(
     its size; ``box`` (left, top, right, bottom) lies inside ``size``."""
     w, h = image.size
     left, top, right, bottom = box
-    across = weights(w, size[0], resample).kept(left, right) if size[0] != w else None
-    down = weights(h, size[1], resample).kept(top, bottom) if size[1] != h else None
+    across = weights(w, size[0], resample, left, right) if size[0] != w else None
+    down = weights(h, size[1], resample, top, bottom) if size[1] != h else None
     if vertical_first:
         out = _vertical_first(image, across, down, box)
     else:
@@ -269,12 +303,12 @@ def _first_pass(
             block = _swapped(_pixels(image, (0, line, w, end))).view(np.uint8)
         else:
             block = _pixels(image, (line, 0, end, h)).view(np.uint8)
-        resample_rows(block, 0, block.shape[1], *table, 0, out, (line - start) * 4)
+        resample_rows(block, *table, 0, out, (line - start) * 4)
     return out
 
 
 def _second_pass(lines: np.ndarray, table: Weights, start: int) -> np.ndarray:
     """The second pass over ``lines`` (``(lines read from start, lanes)`` bytes)."""
     out = np.empty((len(table.first), lines.shape[1]), np.uint8)
-    resample_rows(lines, 0, lines.shape[1], *table, start, out, 0)
+    resample_rows(lines, *table, start, out, 0)
     return out
