@@ -48,7 +48,7 @@ import numpy as np
 from consumer.decode import DecodeLimits
 from consumer.errors import PermanentError, TransientError, classify
 from consumer.heap import keep_freed_memory
-from consumer.pil_resize import plain_stages
+from consumer.pil_resize import array_stages, plain_stages
 
 log = logging.getLogger(__name__)
 
@@ -415,16 +415,11 @@ def _settled(exc: BaseException) -> tuple[str, str, bool]:
 def _preparer(spec: ChildSpec) -> Any:
     from consumer.decode import decode_image
 
-    plain = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
-    if plain is not None:
-        to_array = plain.to_array
-        if plain.vectorised:  # loaded now, before the address space is capped (the fork
-            # server preloads it, unless it was already running with another list)
-            importlib.import_module("consumer.resample").agrees_with_pillow()
-    else:  # an unusual transform: timm's own (this child then imports torch)
+    stages: Any = plain_stages(spec.input_size, spec.interpolation, spec.crop_pct, spec.crop_mode)
+    if stages is None:  # an unusual transform: timm's own (this child then imports torch)
         from consumer.preprocess import InputSpec, pil_stages
 
-        timms = pil_stages(
+        stages = pil_stages(
             InputSpec(
                 spec.input_size,
                 spec.interpolation,
@@ -434,10 +429,9 @@ def _preparer(spec: ChildSpec) -> Any:
                 spec.crop_mode,
             )
         )
-
-        def to_array(image: Any) -> np.ndarray:
-            return np.asarray(timms(image), dtype=np.uint8)
-
+    # Before the address space is capped: the resize's compiled loops, where it uses them (the
+    # fork server preloads them, unless it was already running with another list).
+    to_array = array_stages(stages)
     _, height, width = spec.input_size
     expected = (height, width, 3)
     draft_size = None

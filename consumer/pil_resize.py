@@ -40,7 +40,7 @@ _FILTERS = {
 # faulted in fresh pages, and could cost more than they saved.
 _MAX_STRIP_BYTES = 16 << 20
 # Each filter's support in input pixels at scale 1 (libImaging/Resample.c).
-_SUPPORT = {
+SUPPORT = {
     Image.Resampling.BOX: 0.5,
     Image.Resampling.BILINEAR: 1.0,
     Image.Resampling.HAMMING: 1.0,
@@ -71,11 +71,12 @@ def _vertical_first_rule(version: str) -> Callable[[int, int, int, int], bool] |
 
 
 _VERTICAL_FIRST = _vertical_first_rule(PIL.__version__)
+ArrayStages = Callable[[Image.Image], np.ndarray]
 # The filters whose weights consumer.resample computes as Pillow does (plain arithmetic: the
 # others use sin, whose last bit may differ between libm and numpy), on the machines whose Pillow
 # wheels round after every operation: x86-64's are built for the baseline instruction set, which
 # has no fused multiply-add; elsewhere (aarch64) the C compiler may fuse.
-_VECTOR_FILTERS = frozenset(
+VECTOR_FILTERS = frozenset(
     {Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC}
 )
 _VECTOR_MACHINE = platform.machine().lower() in ("x86_64", "amd64")
@@ -118,7 +119,16 @@ class ResizeCrop:
     def vectorised(self) -> bool:
         """Whether :meth:`to_array` can resize RGB images with :mod:`consumer.resample` (which
         then also checks, once, that its weights are the installed Pillow's)."""
-        return self.resample in _VECTOR_FILTERS and _VECTOR_MACHINE and _VERTICAL_FIRST is not None
+        return self.resample in VECTOR_FILTERS and _VECTOR_MACHINE and _VERTICAL_FIRST is not None
+
+    def load_vector_passes(self) -> None:
+        """Load :mod:`consumer.resample` (its compiled loops, and its check against Pillow)
+        now, where :meth:`to_array` will use it: at start-up, not under the first image, and
+        in a decode process before its address space is capped."""
+        if self.vectorised:
+            from consumer import resample
+
+            resample.agrees_with_pillow()
 
     def to_array(self, image: Image.Image) -> np.ndarray:
         """``np.asarray(self(image))``, a contiguous ``(height, width, 3)`` uint8 array: for an
@@ -193,7 +203,7 @@ class ResizeCrop:
         if out_size == in_size:  # that side keeps its size: the kept outputs are the inputs
             start, stop = first, first + count
         else:
-            start, stop = _inputs_read(in_size, out_size, first, count, _SUPPORT[self.resample])
+            start, stop = _inputs_read(in_size, out_size, first, count, SUPPORT[self.resample])
         if (stop - start) * across * 4 > _MAX_STRIP_BYTES:  # Pillow stores RGB in 4 bytes
             return 0, in_size
         return start, stop
@@ -215,6 +225,14 @@ def _inputs_read(
     start = int((first + 0.5) * scale - reach + 0.5)
     stop = int((first + count - 0.5) * scale + reach + 0.5)
     return max(start - 1, 0), min(stop + 1, in_size)
+
+
+def array_stages(stages: Callable[[Image.Image], Image.Image]) -> ArrayStages:
+    """``stages`` (a :class:`ResizeCrop` or timm's own) ending in the contiguous uint8 array."""
+    if isinstance(stages, ResizeCrop):
+        stages.load_vector_passes()
+        return stages.to_array
+    return lambda image: np.ascontiguousarray(np.asarray(stages(image), dtype=np.uint8))
 
 
 def plain_stages(

@@ -8,7 +8,6 @@ host moves a quarter of the bytes and does no float work.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from consumer.decode import DecodeLimits, decode_image
-from consumer.pil_resize import ResizeCrop, plain_stages
+from consumer.pil_resize import array_stages, plain_stages
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +97,6 @@ def _float32(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def to_uint8_hwc(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """The cropped RGB image as a contiguous ``(H, W, 3)`` uint8 array of the model's size."""
-    return check_hwc(np.asarray(image, dtype=np.uint8), spec)
-
-
 def check_hwc(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     """``array``, contiguous, once it has the model's ``(H, W, 3)`` shape."""
     expected = (spec.height, spec.width, 3)
@@ -165,13 +159,8 @@ class ImagePreparer:
             or timms
         )
         self.draft_size = (spec.scale_size, spec.scale_size) if draft else None
-        if isinstance(self.stages, ResizeCrop) and self.stages.vectorised:
-            # The resize's compiled loops, and its check against Pillow, now, not under the
-            # first image.
-            importlib.import_module("consumer.resample").agrees_with_pillow()
+        self._to_array = array_stages(self.stages)
 
     def __call__(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.limits, draft_size=self.draft_size)
-        if isinstance(self.stages, ResizeCrop):
-            return check_hwc(self.stages.to_array(image), self.spec)
-        return to_uint8_hwc(self.stages(image), self.spec)
+        return check_hwc(self._to_array(image), self.spec)

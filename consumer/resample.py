@@ -30,16 +30,11 @@ import numpy as np
 from numba import types
 from PIL import Image
 
+from consumer.pil_resize import SUPPORT, VECTOR_FILTERS
+
 log = logging.getLogger(__name__)
 
 _PRECISION_BITS = 22  # Resample.c: 32 bits, less 8 for the pixel and 2 for the filter's overshoot
-# The filters whose weights are plain arithmetic (no sin or cos, whose last bit may differ
-# between libm and numpy), with their support at scale 1.
-SUPPORT = {
-    Image.Resampling.BOX: 0.5,
-    Image.Resampling.BILINEAR: 1.0,
-    Image.Resampling.BICUBIC: 2.0,
-}
 # Rows (or columns) of input transposed at a time: a block of about 2 MiB of 4-byte pixels, so a
 # 12-megapixel photo needs no full-size copy.
 _BLOCK_BYTES = 2 << 20
@@ -79,8 +74,9 @@ def weights(
     in_size: int, out_size: int, resample: Image.Resampling, start: int, stop: int
 ) -> Weights:
     """Pillow's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` for resizing ``in_size``
-    pixels to ``out_size`` (no box), in the same double operations and order, for outputs
-    ``start`` to ``stop - 1`` only (each output's weights depend on nothing else)."""
+    pixels to ``out_size`` (no box) with one of ``VECTOR_FILTERS``, in the same double
+    operations and order, for outputs ``start`` to ``stop - 1`` only (each output's weights
+    depend on nothing else)."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = SUPPORT[resample] * filterscale
@@ -109,7 +105,7 @@ def agrees_with_pillow() -> bool:
     distribution's x86-64-v3 build), or one whose filters changed, would show here, and the
     caller then leaves the resize to Pillow.
     """
-    for resample in SUPPORT:
+    for resample in sorted(VECTOR_FILTERS):
         for in_size, out_size in ((500, 224), (375, 168), (257, 256), (37, 300), (7, 3), (300, 1)):
             identity = np.eye(in_size, dtype=np.int32) * (1 << _PRECISION_BITS)
             resized = Image.fromarray(identity).resize((out_size, in_size), resample)
