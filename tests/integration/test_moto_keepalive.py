@@ -16,11 +16,17 @@ from benchmarks.moto_keepalive import serve
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[int]]]:
-    from moto.sqs.models import SQSBackend
+    from moto import backends
+    from moto.sqs.models import Message, Queue, SQSBackend
 
-    # serve() patches moto's receive for the process: put moto's own back afterwards.
+    # serve() patches moto for the process (receive, delete, dispatch): put moto's own back
+    # afterwards, for the tests that run after these on the in-process moto.
     name = "is_message_valid_based_on_retention_period"
     monkeypatch.setattr(SQSBackend, name, getattr(SQSBackend, name))
+    monkeypatch.setattr(Queue, "messages", Queue.__dict__["messages"])
+    monkeypatch.setattr(Queue, "delete_message", Queue.delete_message)
+    monkeypatch.setattr(Message, "mark_received", Message.mark_received)
+    monkeypatch.setattr(backends, "list_of_moto_modules", backends.list_of_moto_modules)
     server = serve()
     connections: list[int] = []
     finish = server.finish_request
@@ -131,3 +137,96 @@ def test_receives_build_no_attribute_maps_and_still_drop_expired_messages(
     queue._messages.remove(oldest)
     received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)
     assert [m["Body"] for m in received["Messages"]] == [f"m{i}" for i in range(1, 11)]
+
+
+def test_deletes_answer_as_moto_does_with_handles_looked_up_not_scanned(
+    server: tuple[str, list[int]],
+) -> None:
+    from moto.sqs.models import Queue
+
+    url, _ = server
+    sqs = client("sqs", url)
+    queue_url = sqs.create_queue(QueueName="deletes")["QueueUrl"]
+    other_url = sqs.create_queue(QueueName="elsewhere")["QueueUrl"]
+    for i in range(6):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=f"m{i}")
+    sqs.send_message(QueueUrl=other_url, MessageBody="other")
+    # GIVEN three messages received (invisible for 30 s), and one received twice (an old handle)
+    first = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=3, VisibilityTimeout=30)
+    handles = [m["ReceiptHandle"] for m in first["Messages"]]
+    assert [m["Body"] for m in first["Messages"]] == ["m0", "m1", "m2"]
+    sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handles[2], VisibilityTimeout=0)
+    again = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=1, VisibilityTimeout=30)
+    assert again["Messages"][0]["Body"] == "m2"
+    elsewhere = sqs.receive_message(QueueUrl=other_url)["Messages"][0]["ReceiptHandle"]
+
+    # WHEN the first is deleted, twice, and the twice-received one by its older handle
+    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handles[0])
+    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handles[0])
+    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handles[2])
+
+    # THEN both are gone (moto takes any handle a message ever had) and a repeat passes; a
+    # handle that was never made, or another queue's, is invalid here, and deletes nothing
+    bodies = [m.body for m in sqs_queue("deletes")._messages]
+    assert bodies == ["m1", "m3", "m4", "m5"]
+    for wrong in ("never-made", elsewhere):
+        with pytest.raises(sqs.exceptions.ReceiptHandleIsInvalid):
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=wrong)
+    assert len(sqs_queue("deletes")._messages) == 4
+    # AND a batch deletes the rest of what was received, and receives see only what is visible
+    result = sqs.delete_message_batch(
+        QueueUrl=queue_url, Entries=[{"Id": "1", "ReceiptHandle": handles[1]}]
+    )
+    assert [s["Id"] for s in result["Successful"]] == ["1"]
+    visible = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
+    assert [m["Body"] for m in visible] == ["m3", "m4", "m5"]
+    assert isinstance(Queue.__dict__["messages"], property)
+
+
+def test_a_delayed_message_is_not_received_until_its_delay_ends(
+    server: tuple[str, list[int]],
+) -> None:
+    url, _ = server
+    sqs = client("sqs", url)
+    queue_url = sqs.create_queue(QueueName="delayed")["QueueUrl"]
+    sqs.send_message(QueueUrl=queue_url, MessageBody="now")
+    sqs.send_message(QueueUrl=queue_url, MessageBody="later", DelaySeconds=60)
+    # WHEN a client receives everything it can
+    received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
+    # THEN the delayed message waits, as in moto; once its delay is over it is received
+    assert [m["Body"] for m in received] == ["now"]
+    later = sqs_queue("delayed")._messages[1]
+    later.delayed_until -= 61_000
+    received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
+    assert [m["Body"] for m in received] == ["later"]
+
+
+def test_requests_are_routed_without_listing_motos_package(
+    server: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    url, _ = server
+    s3 = client("s3", url)
+    sqs = client("sqs", url)
+    listed: list[str] = []
+    listdir = os.listdir
+
+    def counted(path: Any = ".") -> list[str]:
+        listed.append(str(path))
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", counted)
+    # WHEN S3 and SQS requests are served
+    s3.create_bucket(Bucket="routed")
+    s3.put_object(Bucket="routed", Key="k", Body=b"x")
+    assert s3.get_object(Bucket="routed", Key="k")["Body"].read() == b"x"
+    sqs.create_queue(QueueName="routed")
+    # THEN each reached its service, and no request listed moto's package to find it
+    assert [p for p in listed if p.rstrip("/").endswith("moto")] == []
+
+
+def sqs_queue(name: str) -> Any:
+    from moto.sqs.models import sqs_backends
+
+    return sqs_backends["123456789012"]["us-east-1"].queues[name]
