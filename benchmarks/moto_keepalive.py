@@ -18,7 +18,7 @@ Both servers also get :func:`lighten_receive`: moto 5.2's ReceiveMessage rebuilt
 whole attribute map, three scans of every message in the queue, for each message it returned, so
 its CPU grew with the queue's length; a benchmark that queues a thousand messages first spent
 most of the moto server's CPU there, on the two cores the consumer being measured runs on. They
-get :func:`lighten_scans` too: routing a request listed moto's package directory (180 ``isdir``
+get :func:`lighten_scans` too: routing a request listed moto's package directory (182 ``isdir``
 calls, twice), a receive read the clock twice per queued message and a delete scanned the queue
 twice, 40 % of the server's CPU per image in the feed row. And both take each message once per
 receive (:mod:`consumer.embedded_moto`): moto's two receives at once could return the same
@@ -169,7 +169,7 @@ def lighten_scans() -> None:
     """Take three scans out of moto 5.2's every request, receive and delete; answers unchanged.
 
     - **Dispatch.** To route a request, moto asks ``backends.list_of_moto_modules()``, which
-      lists moto's package directory and calls ``isdir`` on each of its 180 entries, twice per
+      lists moto's package directory and calls ``isdir`` on each of its 182 entries, twice per
       request, under the dispatcher's lock. The directory does not change while the server
       runs: it is listed once.
     - **Receive.** ``Queue.messages`` (every receive, and every wake-up of a long poll) reads
