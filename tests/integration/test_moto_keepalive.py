@@ -142,8 +142,6 @@ def test_receives_build_no_attribute_maps_and_still_drop_expired_messages(
 def test_deletes_answer_as_moto_does_with_handles_looked_up_not_scanned(
     server: tuple[str, list[int]],
 ) -> None:
-    from moto.sqs.models import Queue
-
     url, _ = server
     sqs = client("sqs", url)
     queue_url = sqs.create_queue(QueueName="deletes")["QueueUrl"]
@@ -180,7 +178,6 @@ def test_deletes_answer_as_moto_does_with_handles_looked_up_not_scanned(
     assert [s["Id"] for s in result["Successful"]] == ["1"]
     visible = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
     assert [m["Body"] for m in visible] == ["m3", "m4", "m5"]
-    assert isinstance(Queue.__dict__["messages"], property)
 
 
 def test_a_delayed_message_is_not_received_until_its_delay_ends(
@@ -230,3 +227,43 @@ def sqs_queue(name: str) -> Any:
     from moto.sqs.models import sqs_backends
 
     return sqs_backends["123456789012"]["us-east-1"].queues[name]
+
+
+def test_a_receive_and_a_delete_read_the_messages_they_take_not_the_whole_queue(
+    server: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.sqs import models
+
+    url, _ = server
+    sqs = client("sqs", url)
+    queue_url = sqs.create_queue(QueueName="long")["QueueUrl"]
+    entries = [{"Id": str(i), "MessageBody": f"m{i}"} for i in range(10)]
+    for _ in range(20):
+        sqs.send_message_batch(QueueUrl=queue_url, Entries=entries)
+    # GIVEN a queue of 200 messages, and counters on moto's clock and on the lists of a
+    # message's receipt handles
+    clock = models.unix_time_millis
+    handles = models.Message.all_receipt_handles
+    reads = {"clock": 0, "handles": 0}
+
+    def counted_clock(*args: Any) -> float:
+        reads["clock"] += 1
+        return clock(*args)
+
+    def counted_handles(self: Any) -> Any:
+        reads["handles"] += 1
+        return handles.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(models, "unix_time_millis", counted_clock)
+    monkeypatch.setattr(models.Message, "all_receipt_handles", property(counted_handles))
+
+    # WHEN ten messages are received and one of them deleted
+    received = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10)["Messages"]
+    receiving = reads["clock"]
+    sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=received[0]["ReceiptHandle"])
+
+    # THEN the receive read the clock for the ten it took, not twice for each of the 200 queued
+    # (moto's own: 400 and more), and the delete listed one message's handles, not the queue's
+    assert len(received) == 10
+    assert receiving < 100
+    assert reads["handles"] == 1
