@@ -19,8 +19,8 @@ whole attribute map, three scans of every message in the queue, for each message
 its CPU grew with the queue's length; a benchmark that queues a thousand messages first spent
 most of the moto server's CPU there, on the two cores the consumer being measured runs on. They
 get :func:`lighten_scans` too: routing a request listed moto's package directory (182 ``isdir``
-calls, twice), a receive read the clock twice per queued message and a delete scanned the queue
-twice, 40 % of the server's CPU per image in the feed row. And both take each message once per
+calls per request), a receive read the clock twice per queued message and a delete scanned the
+queue twice, 40 % of the server's CPU per image in the feed row. And both take each message once per
 receive (:mod:`consumer.embedded_moto`): moto's two receives at once could return the same
 message, which the consumer takes for a redelivery.
 """
@@ -169,9 +169,9 @@ def lighten_scans() -> None:
     """Take three scans out of moto 5.2's every request, receive and delete; answers unchanged.
 
     - **Dispatch.** To route a request, moto asks ``backends.list_of_moto_modules()``, which
-      lists moto's package directory and calls ``isdir`` on each of its 182 entries, twice per
-      request, under the dispatcher's lock. The directory does not change while the server
-      runs: it is listed once.
+      lists moto's package directory and calls ``isdir`` on each of its 182 entries, once per
+      S3 or SQS request, under the dispatcher's lock. The directory does not change while the
+      server runs: it is listed once.
     - **Receive.** ``Queue.messages`` (every receive, and every wake-up of a long poll) reads
       the clock twice per queued message, each through ``datetime`` arithmetic: with the feed
       row's 1,948 queued messages, most of the receive's CPU. The clock is read once per scan,
@@ -179,10 +179,11 @@ def lighten_scans() -> None:
       longer delayed at ``delayed_until``).
     - **Delete.** ``Queue.delete_message`` scanned the queue twice for the message that had the
       receipt handle, building a list of its handles per message: two scans of the queue per
-      image. A handle is now looked up where :meth:`Message.mark_received` made it; the message
-      must still be in this queue (a handle from another queue, or of a message moved to the
-      dead-letter queue, is invalid here as in moto), and the queue gets a new list without it,
-      as moto's does.
+      image. A handle is now looked up where :meth:`Message.mark_received` made it, and the
+      queue gets a new list without its message, as moto's does. Where the lookup does not
+      find a message of this queue (an invalid handle, but also one made before the patch,
+      one that moto's seeded random gave to two messages, or one a concurrent receive marked
+      over), moto's own delete decides, scans and all: it costs only on those.
 
     On AWS none of this runs on the consumer's cores; here it ran on the two the consumer is
     measured on. Idempotent; it patches moto for the process.
@@ -191,7 +192,6 @@ def lighten_scans() -> None:
 
     from moto import backends
     from moto.core.utils import unix_time_millis
-    from moto.sqs.exceptions import ReceiptHandleIsInvalid
     from moto.sqs.models import Message, Queue
 
     if getattr(Queue.delete_message, "lightened", False):
@@ -205,6 +205,7 @@ def lighten_scans() -> None:
 
     handles: weakref.WeakValueDictionary[str, Message] = weakref.WeakValueDictionary()
     mark_received = Message.mark_received
+    delete = Queue.delete_message
 
     @functools.wraps(mark_received)
     def marked(self: Message, visibility_timeout: int | None = None) -> None:
@@ -216,12 +217,15 @@ def lighten_scans() -> None:
         if receipt_handle in self.deleted_messages:
             return  # already deleted: moto lets a second delete pass
         message = handles.get(receipt_handle)
+        # One copy, checked and cut: a delete, purge or dead-letter move in another thread
+        # between a check on the queue and a cut of a later copy would fail the `remove`.
+        remaining = list(self._messages)
         # Message defines no __eq__: `in` compares identities, at C speed.
-        if message is None or message not in self._messages:
-            raise ReceiptHandleIsInvalid()
+        if message is None or message not in remaining:
+            delete(self, receipt_handle)  # moto's own answer, valid or not
+            return
         self.pending_messages.discard(message)
         self.deleted_messages.update(message.all_receipt_handles)  # type: ignore[arg-type]
-        remaining = list(self._messages)
         remaining.remove(message)
         self._messages = remaining
 

@@ -11,22 +11,26 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from benchmarks.moto_keepalive import serve
+from benchmarks.moto_keepalive import lighten_scans, serve
 
 
 @pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, list[int]]]:
+def motos_own_afterwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve() and lighten_scans() patch moto for the process (receive, delete, dispatch): put
+    moto's own back afterwards, for the tests that run after these on the in-process moto."""
     from moto import backends
     from moto.sqs.models import Message, Queue, SQSBackend
 
-    # serve() patches moto for the process (receive, delete, dispatch): put moto's own back
-    # afterwards, for the tests that run after these on the in-process moto.
     name = "is_message_valid_based_on_retention_period"
     monkeypatch.setattr(SQSBackend, name, getattr(SQSBackend, name))
     monkeypatch.setattr(Queue, "messages", Queue.__dict__["messages"])
     monkeypatch.setattr(Queue, "delete_message", Queue.delete_message)
     monkeypatch.setattr(Message, "mark_received", Message.mark_received)
     monkeypatch.setattr(backends, "list_of_moto_modules", backends.list_of_moto_modules)
+
+
+@pytest.fixture
+def server(motos_own_afterwards: None) -> Iterator[tuple[str, list[int]]]:
     server = serve()
     connections: list[int] = []
     finish = server.finish_request
@@ -267,3 +271,62 @@ def test_a_receive_and_a_delete_read_the_messages_they_take_not_the_whole_queue(
     assert len(received) == 10
     assert receiving < 100
     assert reads["handles"] == 1
+
+
+def test_a_message_moved_to_the_dead_letter_queue_is_deleted_there_not_at_its_source(
+    server: tuple[str, list[int]],
+) -> None:
+    url, _ = server
+    sqs = client("sqs", url)
+    dlq_url = sqs.create_queue(QueueName="dead")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])
+    policy = (
+        f'{{"deadLetterTargetArn": "{dlq_arn["Attributes"]["QueueArn"]}", "maxReceiveCount": 1}}'
+    )
+    queue_url = sqs.create_queue(QueueName="source", Attributes={"RedrivePolicy": policy})[
+        "QueueUrl"
+    ]
+    sqs.send_message(QueueUrl=queue_url, MessageBody="poison")
+    # GIVEN a message received once, made visible, and moved to the dead-letter queue by the
+    # next receive (its receive count has reached the policy's maximum)
+    handle = sqs.receive_message(QueueUrl=queue_url)["Messages"][0]["ReceiptHandle"]
+    sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=handle, VisibilityTimeout=0)
+    assert sqs.receive_message(QueueUrl=queue_url).get("Messages", []) == []
+    assert [m.body for m in sqs_queue("dead")._messages] == ["poison"]
+    # WHEN its handle deletes at the source, then at the dead-letter queue
+    # THEN the source has no such message, as in moto, and the dead-letter queue deletes it
+    with pytest.raises(sqs.exceptions.ReceiptHandleIsInvalid):
+        sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handle)
+    sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=handle)
+    assert sqs_queue("dead")._messages == []
+
+
+def test_a_purged_message_cannot_be_deleted(server: tuple[str, list[int]]) -> None:
+    url, _ = server
+    sqs = client("sqs", url)
+    queue_url = sqs.create_queue(QueueName="purged")["QueueUrl"]
+    sqs.send_message(QueueUrl=queue_url, MessageBody="m")
+    handle = sqs.receive_message(QueueUrl=queue_url)["Messages"][0]["ReceiptHandle"]
+    # WHEN the queue is purged and the received message then deleted
+    sqs.purge_queue(QueueUrl=queue_url)
+    # THEN its handle is invalid, as in moto
+    with pytest.raises(sqs.exceptions.ReceiptHandleIsInvalid):
+        sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handle)
+
+
+def test_a_handle_made_before_the_patch_still_deletes_its_message(
+    motos_own_afterwards: None,
+) -> None:
+    from moto import mock_aws
+
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        queue_url = sqs.create_queue(QueueName="early")["QueueUrl"]
+        sqs.send_message(QueueUrl=queue_url, MessageBody="m")
+        # GIVEN a message received on moto's own code
+        handle = sqs.receive_message(QueueUrl=queue_url)["Messages"][0]["ReceiptHandle"]
+        # WHEN the scans are lightened and the message then deleted by that handle
+        lighten_scans()
+        sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=handle)
+        # THEN moto's own delete, which the lookup falls back to, takes it
+        assert sqs_queue("early")._messages == []
