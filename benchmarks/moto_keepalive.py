@@ -182,8 +182,10 @@ def lighten_scans() -> None:
       image. A handle is now looked up where :meth:`Message.mark_received` made it, and the
       queue gets a new list without its message, as moto's does. Where the lookup does not
       find a message of this queue (an invalid handle, but also one made before the patch,
-      one that moto's seeded random gave to two messages, or one a concurrent receive marked
-      over), moto's own delete decides, scans and all: it costs only on those.
+      one that moto's seeded random also gave a message of another queue, or one a concurrent
+      receive marked over), moto's own delete decides, scans and all: it costs only on those.
+      (Seeded, two messages of one queue can share a handle: moto deletes both, this the one
+      that received it last. The benchmarks never seed.)
 
     On AWS none of this runs on the consumer's cores; here it ran on the two the consumer is
     measured on. Idempotent; it patches moto for the process.
