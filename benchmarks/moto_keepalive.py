@@ -20,8 +20,8 @@ its CPU grew with the queue's length; a benchmark that queues a thousand message
 most of the moto server's CPU there, on the two cores the consumer being measured runs on. They
 get :func:`lighten_scans` too: routing a request listed moto's package directory (182 ``isdir``
 calls per request), a receive read the clock twice per queued message and a delete scanned the
-queue twice, 40 % of the server's CPU per image in the feed row. And both take each message once per
-receive (:mod:`consumer.embedded_moto`): moto's two receives at once could return the same
+queue twice, 45 % of the server's CPU per image in the feed row. And both take each message once
+per receive (:mod:`consumer.embedded_moto`): moto's two receives at once could return the same
 message, which the consumer takes for a redelivery.
 """
 

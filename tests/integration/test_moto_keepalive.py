@@ -59,6 +59,19 @@ def client(service: Literal["s3", "sqs"], url: str) -> Any:
     )
 
 
+@pytest.fixture
+def sqs(server: tuple[str, list[int]]) -> Any:
+    """An SQS client of the kept-alive server."""
+    return client("sqs", server[0])
+
+
+def sqs_queue(name: str) -> Any:
+    """moto's queue behind the server (both run in this process), to look inside it."""
+    from moto.sqs.models import sqs_backends
+
+    return sqs_backends["123456789012"]["us-east-1"].queues[name]
+
+
 def test_s3_and_sqs_calls_share_one_connection_each(server: tuple[str, list[int]]) -> None:
     url, connections = server
     s3, sqs = client("s3", url), client("sqs", url)
@@ -143,11 +156,7 @@ def test_receives_build_no_attribute_maps_and_still_drop_expired_messages(
     assert [m["Body"] for m in received["Messages"]] == [f"m{i}" for i in range(1, 11)]
 
 
-def test_deletes_answer_as_moto_does_with_handles_looked_up_not_scanned(
-    server: tuple[str, list[int]],
-) -> None:
-    url, _ = server
-    sqs = client("sqs", url)
+def test_deletes_answer_as_moto_does_with_handles_looked_up_not_scanned(sqs: Any) -> None:
     queue_url = sqs.create_queue(QueueName="deletes")["QueueUrl"]
     other_url = sqs.create_queue(QueueName="elsewhere")["QueueUrl"]
     for i in range(6):
@@ -184,11 +193,7 @@ def test_deletes_answer_as_moto_does_with_handles_looked_up_not_scanned(
     assert [m["Body"] for m in visible] == ["m3", "m4", "m5"]
 
 
-def test_a_delayed_message_is_not_received_until_its_delay_ends(
-    server: tuple[str, list[int]],
-) -> None:
-    url, _ = server
-    sqs = client("sqs", url)
+def test_a_delayed_message_is_not_received_until_its_delay_ends(sqs: Any) -> None:
     queue_url = sqs.create_queue(QueueName="delayed")["QueueUrl"]
     sqs.send_message(QueueUrl=queue_url, MessageBody="now")
     sqs.send_message(QueueUrl=queue_url, MessageBody="later", DelaySeconds=60)
@@ -227,19 +232,11 @@ def test_requests_are_routed_without_listing_motos_package(
     assert [p for p in listed if p.rstrip("/").endswith("moto")] == []
 
 
-def sqs_queue(name: str) -> Any:
-    from moto.sqs.models import sqs_backends
-
-    return sqs_backends["123456789012"]["us-east-1"].queues[name]
-
-
 def test_a_receive_and_a_delete_read_the_messages_they_take_not_the_whole_queue(
-    server: tuple[str, list[int]], monkeypatch: pytest.MonkeyPatch
+    sqs: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from moto.sqs import models
 
-    url, _ = server
-    sqs = client("sqs", url)
     queue_url = sqs.create_queue(QueueName="long")["QueueUrl"]
     entries = [{"Id": str(i), "MessageBody": f"m{i}"} for i in range(10)]
     for _ in range(20):
@@ -274,10 +271,8 @@ def test_a_receive_and_a_delete_read_the_messages_they_take_not_the_whole_queue(
 
 
 def test_a_message_moved_to_the_dead_letter_queue_is_deleted_there_not_at_its_source(
-    server: tuple[str, list[int]],
+    sqs: Any,
 ) -> None:
-    url, _ = server
-    sqs = client("sqs", url)
     dlq_url = sqs.create_queue(QueueName="dead")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])
     policy = (
@@ -301,9 +296,7 @@ def test_a_message_moved_to_the_dead_letter_queue_is_deleted_there_not_at_its_so
     assert sqs_queue("dead")._messages == []
 
 
-def test_a_purged_message_cannot_be_deleted(server: tuple[str, list[int]]) -> None:
-    url, _ = server
-    sqs = client("sqs", url)
+def test_a_purged_message_cannot_be_deleted(sqs: Any) -> None:
     queue_url = sqs.create_queue(QueueName="purged")["QueueUrl"]
     sqs.send_message(QueueUrl=queue_url, MessageBody="m")
     handle = sqs.receive_message(QueueUrl=queue_url)["Messages"][0]["ReceiptHandle"]
